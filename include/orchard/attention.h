@@ -1,0 +1,97 @@
+// Orchard's public C++ API: fused attention forward and backward (FlashAttention semantics).
+//
+// Layouts follow FlashAttention 2's Python interface (see docs in shared DESIGN.md):
+//   padded:  q (B, Sq, Hq, D)   k (B, Sk, Hkv, D)   v (B, Sk, Hkv, Dv)   out (B, Sq, Hq, Dv)
+//            lse float32 (B, Hq, Sq)
+//   varlen:  q (total_q, Hq, D) k (total_k, Hkv, D) v (total_k, Hkv, Dv) out (total_q, Hq, Dv)
+//            lse float32 (Hq, total_q), with cu_seqlens_q/k int32 (B + 1,)
+// Gradients dq, dk, dv have the shapes of q, k, v. Every view may have any strides; outputs
+// must not have stride-0 (expanded) dimensions of size > 1 and must not overlap any input.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "orchard/tensor_view.h"
+#include "orchard/types.h"
+
+namespace orchard {
+
+struct AttentionOptions {
+    std::optional<double> scale;  // softmax scale; default 1 / sqrt(D)
+    bool causal = false;          // bottom-right aligned: query i sees keys j <= i + Sk - Sq
+    int64_t window_left = -1;     // sliding window; -1 = unbounded. Key j is visible iff
+    int64_t window_right = -1;    //   i + Sk - Sq - left <= j <= i + Sk - Sq + right
+    double softcap = 0.0;         // > 0: s = softcap * tanh(s / softcap)
+    TensorView alibi_slopes;      // optional float32 (Hq,) or (B, Hq): s -= m_h * |i + Sk - Sq - j|
+    double dropout_p = 0.0;       // on P, in [0, 1); kept values scaled by 1 / (1 - p)
+    uint64_t seed = 0;            // Philox key (see DESIGN.md "Dropout")
+    uint64_t offset = 0;          // Philox counter word 3; must be < 2^32
+    bool deterministic = false;   // GPU backwards only; the CPU backward is always deterministic
+    Backend backend = Backend::automatic;
+    void* stream = nullptr;       // cudaStream_t / MTLCommandQueue; ignored on the CPU
+
+    // Varlen mode when cu_seqlens_q is given (int32 (B + 1,), on the tensors' device).
+    TensorView cu_seqlens_q;
+    TensorView cu_seqlens_k;
+    int64_t max_seqlen_q = 0;  // upper bounds of the per-sequence lengths
+    int64_t max_seqlen_k = 0;
+
+    // The name used in error messages and the call log ("orchard.flash_attn_func", ...).
+    const char* op_name = nullptr;
+};
+
+struct ForwardArgs {
+    TensorView q, k, v;
+    TensorView out;  // written
+    TensorView lse;  // written; float32
+};
+
+struct BackwardArgs {
+    TensorView q, k, v, out, dout, lse;  // out and lse as returned by forward (or merged)
+    TensorView dq, dk, dv;               // written (overwritten, not accumulated)
+};
+
+// Caller-provided scratch memory on the tensors' device. A backend that needs scratch and gets
+// none allocates it internally only where that is documented (the CPU backend does, bounded by
+// O(B * Hq * Sq) floats); GPU backends require it (see backward_workspace_size).
+struct Workspace {
+    void* data = nullptr;
+    size_t bytes = 0;
+};
+
+struct Support {
+    bool ok = false;
+    Backend backend = Backend::automatic;  // the backend that would run
+    std::string reason;                    // why not, when !ok
+};
+
+// Runs attention; throws orchard::Error on invalid input or unsupported cases.
+void forward(const ForwardArgs& args, const AttentionOptions& options = {});
+void backward(const BackwardArgs& args, const AttentionOptions& options = {},
+              Workspace workspace = {});
+
+// Whether the call would run, on which backend, and why not. Never throws for bad input.
+Support supports(const ForwardArgs& args, const AttentionOptions& options = {});
+Support supports(const BackwardArgs& args, const AttentionOptions& options = {});
+
+// Bytes of scratch memory backward() needs for these arguments on the chosen backend.
+size_t backward_workspace_size(const BackwardArgs& args, const AttentionOptions& options = {});
+
+// Threads used by the CPU backend (default: the hardware concurrency). Set it to the
+// framework's own intra-op thread count to avoid oversubscription. n <= 0 restores the default.
+void set_num_threads(int n);
+int num_threads();
+
+// Call counters, per direction and backend (the same numbers as the debug call log).
+struct Stats {
+    int64_t calls[2][5] = {};      // [Direction][Backend]
+    int64_t fallbacks[2] = {};     // per direction
+    int64_t staging_copies[2] = {};
+};
+Stats stats();
+void reset_stats();
+
+}  // namespace orchard

@@ -1,0 +1,29 @@
+// Which keys a query sees (bottom-right aligned causal / sliding window), for every backend.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "core/philox.h"
+
+namespace orchard {
+
+struct Span {
+    int64_t lo, hi;  // [lo, hi)
+};
+
+// Keys visible to query i of a sequence with sq queries and sk keys (diag = sk - sq):
+// i + diag - left <= j <= i + diag + right, within [0, sk). Empty when lo >= hi.
+ORCHARD_HD Span visible_keys(int64_t i, int64_t diag, int64_t left, int64_t right, int64_t sk) {
+    const int64_t lo = i + diag - left, hi = i + diag + right + 1;
+    return {lo < 0 ? 0 : lo, hi > sk ? sk : hi};
+}
+
+// Queries that see at least one key of [j0, j1): the inverse of visible_keys, within [0, sq).
+ORCHARD_HD Span queries_seeing(int64_t j0, int64_t j1, int64_t diag, int64_t left, int64_t right,
+                               int64_t sq) {
+    const int64_t lo = j0 - diag - right, hi = j1 - 1 - diag + left + 1;
+    return {lo < 0 ? 0 : lo, hi > sq ? sq : hi};
+}
+
+}  // namespace orchard

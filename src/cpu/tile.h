@@ -1,0 +1,93 @@
+// Scalar helpers of the CPU kernels: storage types, packing strided tiles, storing results.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "core/dtype_convert.h"
+#include "core/params.h"
+
+namespace orchard::cpu {
+
+// Accumulation type per storage type: fp32, except fp64 which accumulates in fp64.
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <class A, class T>
+inline A load_as(const T& x) {
+    if constexpr (std::is_same_v<T, half_t> || std::is_same_v<T, bfloat16_t>)
+        return A(to_float(x));
+    else
+        return A(x);
+}
+
+template <class T, class A>
+inline T store_as(A x) {
+    if constexpr (std::is_same_v<T, half_t>)
+        return to_half(float(x));
+    else if constexpr (std::is_same_v<T, bfloat16_t>)
+        return to_bf16(float(x));
+    else
+        return T(x);
+}
+
+// Calls f(T{}) with the storage type of `dtype` (validated before: never i32).
+template <class F>
+decltype(auto) dispatch_dtype(DType dtype, F&& f) {
+    switch (dtype) {
+        case DType::f16: return f(half_t{});
+        case DType::bf16: return f(bfloat16_t{});
+        case DType::f64: return f(double{});
+        default: return f(float{});
+    }
+}
+
+// dst (rows, cols_pad) row-major with leading dim ld  <-  src (rows, cols) strided; pad = 0.
+template <class A, class T>
+void pack_rows(A* dst, int64_t ld, const T* src, int64_t s_row, int64_t s_col, int64_t rows,
+               int64_t cols, int64_t cols_pad) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* in = src + r * s_row;
+        A* out = dst + r * ld;
+        if (std::is_same_v<A, T> && s_col == 1) {
+            std::memcpy(out, in, sizeof(A) * cols);
+        } else {
+            for (int64_t c = 0; c < cols; ++c) out[c] = load_as<A>(in[c * s_col]);
+        }
+        for (int64_t c = cols; c < cols_pad; ++c) out[c] = A(0);
+    }
+}
+
+// dst (cols, rows_pad) = transpose of src (rows, cols) strided; columns rows..rows_pad = 0.
+template <class A, class T>
+void pack_transposed(A* dst, int64_t ld, const T* src, int64_t s_row, int64_t s_col,
+                     int64_t rows, int64_t cols, int64_t rows_pad) {
+    for (int64_t c = 0; c < cols; ++c) {
+        A* out = dst + c * ld;
+        for (int64_t r = 0; r < rows; ++r) out[r] = load_as<A>(src[r * s_row + c * s_col]);
+        for (int64_t r = rows; r < rows_pad; ++r) out[r] = A(0);
+    }
+}
+
+// dst (rows, cols) strided  <-  factor * src (rows, cols) with leading dim ld.
+template <class T, class A>
+void store_rows(T* dst, int64_t s_row, int64_t s_col, const A* src, int64_t ld, int64_t rows,
+                int64_t cols, A factor) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+            dst[r * s_row + c * s_col] = store_as<T>(src[r * ld + c] * factor);
+}
+
+// Element pointer of (b, token, h, 0) for a tensor with strides `st`; `first` is the sequence's
+// first token (cu_seqlens[b], 0 when padded).
+template <class T>
+inline T* at(const void* base, const Strides& st, int64_t b, int64_t first, int64_t token,
+             int64_t h) {
+    return static_cast<T*>(const_cast<void*>(base)) + b * st.b + (first + token) * st.s + h * st.h;
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+}  // namespace orchard::cpu
