@@ -1,1 +1,294 @@
-// placeholder
+// Unit tests of the core's parts: Philox, dtype conversions, masks, overlap, tiles, the thread
+// pool, the call log, determinism, concurrency, and the dropout mask as DESIGN.md defines it.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <regex>
+#include <thread>
+
+#include "cases.h"
+#include "core/dtype_convert.h"
+#include "core/mask.h"
+#include "core/memory_overlap.h"
+#include "core/params.h"
+#include "core/philox.h"
+#include "core/thread_pool.h"
+#include "cpu/tile_size.h"
+
+namespace orchard::test {
+namespace {
+
+TEST(Philox, MatchesRandom123KnownAnswers) {
+    // Known-answer vectors of philox4x32-10 from Random123 (kat_vectors).
+    auto eq = [](Philox4 r, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+        EXPECT_EQ(r.x[0], a);
+        EXPECT_EQ(r.x[1], b);
+        EXPECT_EQ(r.x[2], c);
+        EXPECT_EQ(r.x[3], d);
+    };
+    eq(philox4x32_10(0, 0, 0, 0, 0, 0), 0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8);
+    eq(philox4x32_10(~0u, ~0u, ~0u, ~0u, ~0u, ~0u), 0x408f276d, 0x41c83b0e, 0xa20bc7c6,
+       0x6d5451fd);
+    eq(philox4x32_10(0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344, 0xa4093822, 0x299f31d0),
+       0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1);
+}
+
+TEST(Philox, DropoutCounterLayout) {
+    // counter = (j / 4, i, b * Hq + h, offset), key = (seed low, seed high), word j % 4.
+    const uint64_t seed = 0x0123456789abcdefULL;
+    const Philox4 w = philox4x32_10(5, 11, 3, 9, 0x89abcdef, 0x01234567);
+    for (int j = 20; j < 24; ++j)
+        EXPECT_EQ(dropout_keep(seed, 9, 0x80000000u, 3, 11, j), w.x[j % 4] < 0x80000000u);
+    EXPECT_EQ(dropout_keep_threshold(0.0), 0xFFFFFFFFu);
+    EXPECT_EQ(dropout_keep_threshold(0.5), 0x80000000u);
+    EXPECT_EQ(dropout_keep_threshold(0.25), 0xC0000000u);
+}
+
+TEST(DtypeConvert, HalfRoundTripsEveryPattern) {
+    for (uint32_t bits = 0; bits < 0x10000; ++bits) {
+        const half_t h{uint16_t(bits)};
+        const float f = to_float(h);
+        if (std::isnan(f)) {
+            EXPECT_TRUE(std::isnan(to_float(to_half(f))));
+        } else {
+            EXPECT_EQ(to_half(f).bits, h.bits) << std::hex << bits;
+        }
+    }
+}
+
+TEST(DtypeConvert, RoundsToNearestEven) {
+    EXPECT_EQ(to_half(1.0f + 0x1p-11f).bits, to_half(1.0f).bits);            // tie -> even
+    EXPECT_EQ(to_half(1.0f + 3 * 0x1p-11f).bits, uint16_t(0x3C02));          // tie -> even (up)
+    EXPECT_EQ(to_half(65504.0f).bits, uint16_t(0x7BFF));                     // max half
+    EXPECT_EQ(to_half(65520.0f).bits, uint16_t(0x7C00));                     // rounds to inf
+    EXPECT_EQ(to_half(0x1p-24f).bits, uint16_t(0x0001));                     // min subnormal
+    EXPECT_EQ(to_half(0x1p-25f).bits, uint16_t(0x0000));                     // tie -> 0
+    EXPECT_EQ(to_half(-2.0f).bits, uint16_t(0xC000));
+    EXPECT_EQ(to_bf16(1.0f + 0x1p-8f).bits, to_bf16(1.0f).bits);             // tie -> even
+    EXPECT_EQ(to_bf16(1.0f + 3 * 0x1p-8f).bits, uint16_t(0x3F82));
+    EXPECT_TRUE(std::isnan(to_float(to_bf16(NAN))));
+    EXPECT_EQ(to_bf16(3.4028235e38f).bits, uint16_t(0x7F80));  // FLT_MAX rounds to inf
+    for (uint32_t bits = 0; bits < 0x10000; bits += 7) {
+        const bfloat16_t b{uint16_t(bits)};
+        if (!std::isnan(to_float(b))) {
+            EXPECT_EQ(to_bf16(to_float(b)).bits, b.bits);
+        }
+    }
+}
+
+TEST(Mask, VisibleKeysAndQueriesSeeingAgree) {
+    for (int64_t sq : {1, 5, 9})
+        for (int64_t sk : {1, 4, 9})
+            for (int64_t left : {int64_t(0), int64_t(2), kUnbounded})
+                for (int64_t right : {int64_t(0), int64_t(3), kUnbounded}) {
+                    const int64_t diag = sk - sq;
+                    for (int64_t i = 0; i < sq; ++i)
+                        for (int64_t j = 0; j < sk; ++j) {
+                            const bool want = i + diag - left <= j && j <= i + diag + right;
+                            const Span keys = visible_keys(i, diag, left, right, sk);
+                            const Span qs = queries_seeing(j, j + 1, diag, left, right, sq);
+                            EXPECT_EQ(keys.lo <= j && j < keys.hi, want);
+                            EXPECT_EQ(qs.lo <= i && i < qs.hi, want);
+                        }
+                }
+}
+
+TEST(MemoryOverlap, InternalOverlap) {
+    float buf[64];
+    EXPECT_FALSE(has_internal_overlap(TensorView::contiguous(buf, DType::f32, {2, 3, 4})));
+    EXPECT_TRUE(has_internal_overlap(TensorView::strided(buf, DType::f32, {2, 3}, {0, 1})));
+    EXPECT_TRUE(has_internal_overlap(TensorView::strided(buf, DType::f32, {4, 4}, {2, 1})));
+    EXPECT_FALSE(has_internal_overlap(TensorView::strided(buf, DType::f32, {4, 1}, {1, 0})));
+    EXPECT_FALSE(has_internal_overlap(TensorView::strided(buf, DType::f32, {3, 4}, {1, 3})));
+}
+
+TEST(MemoryOverlap, PackedViewsAreDisjointSlicesAreNot) {
+    std::vector<float> qkv(2 * 5 * 3 * 4 * 8);  // (B, S, 3, H, D)
+    auto part = [&](int which) {
+        return TensorView::strided(qkv.data() + which * 4 * 8, DType::f32, {2, 5, 4, 8},
+                                   {5 * 3 * 32, 3 * 32, 8, 1});
+    };
+    EXPECT_FALSE(may_overlap(part(0), part(1)));
+    EXPECT_FALSE(may_overlap(part(2), part(1)));
+    EXPECT_TRUE(may_overlap(part(1), part(1)));
+    std::vector<float> a(100), b(100);
+    EXPECT_FALSE(may_overlap(TensorView::contiguous(a.data(), DType::f32, {100}),
+                             TensorView::contiguous(b.data(), DType::f32, {100})));
+    EXPECT_TRUE(may_overlap(TensorView::contiguous(a.data(), DType::f32, {60}),
+                            TensorView::contiguous(a.data() + 50, DType::f32, {50})));
+    EXPECT_FALSE(may_overlap(TensorView::contiguous(a.data(), DType::f32, {50}),
+                             TensorView::contiguous(a.data() + 50, DType::f32, {50})));
+}
+
+TEST(TileSize, FitsL2AndVectorWidths) {
+    for (int64_t d = 1; d <= 512; d += 7)
+        for (int64_t dv : {int64_t(1), d, int64_t(512)}) {
+            const cpu::TileSize ts = cpu::tile_size(d, dv);
+            EXPECT_EQ(ts.block_q % 16, 0);
+            EXPECT_EQ(ts.block_k % 16, 0);
+            // Working set of the forward (fp32): q, k^T, v, s, acc.
+            const int64_t floats = ts.block_q * d + d * ts.block_k + ts.block_k * dv +
+                                   ts.block_q * ts.block_k + ts.block_q * dv;
+            EXPECT_LE(floats * 4, int64_t(1) << 20) << "d=" << d << " dv=" << dv;
+        }
+}
+
+TEST(ThreadPool, RunsEveryTaskOnceAndPropagatesErrors) {
+    for (int64_t n : {0, 1, 2, 3, 100, 1001}) {
+        std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+        auto task = [&](int64_t i) { hits[size_t(i)]++; };
+        parallel_for(n, task);
+        for (auto& h : hits) EXPECT_EQ(h.load(), 1);
+    }
+    auto boom = [](int64_t i) {
+        if (i == 37) throw std::runtime_error("task 37 failed");
+    };
+    EXPECT_THROW(parallel_for(100, boom), std::runtime_error);
+    // Nested calls run inline; concurrent callers never deadlock.
+    std::atomic<int64_t> sum{0};
+    auto inner = [&](int64_t i) { sum += i; };
+    auto outer = [&](int64_t) { parallel_for(10, inner); };
+    std::vector<std::thread> callers;
+    for (int t = 0; t < 4; ++t) callers.emplace_back([&] { parallel_for(8, outer); });
+    for (auto& c : callers) c.join();
+    EXPECT_EQ(sum.load(), 4 * 8 * 45);
+}
+
+TEST(ThreadPool, ThreadCountIsSettable) {
+    const int before = num_threads();
+    set_num_threads(3);
+    EXPECT_EQ(num_threads(), 3);
+    set_num_threads(1);
+    EXPECT_EQ(num_threads(), 1);
+    set_num_threads(before);
+    EXPECT_EQ(num_threads(), before);
+}
+
+Case determinism_case() {
+    return {.name = "det", .B = 2, .Sq = 150, .Sk = 170, .Hq = 4, .Hkv = 2, .D = 48,
+            .causal = true, .dropout = 0.1};
+}
+
+TEST(Determinism, BackwardIsBitwiseIdenticalAcrossRunsAndThreadCounts) {
+    const Case c = determinism_case();
+    Inputs in = make_inputs(c, DType::f32);
+    const Result first = run_case(c, in, DType::f32, Backend::cpu);
+    const Result again = run_case(c, in, DType::f32, Backend::cpu);
+    const int before = num_threads();
+    set_num_threads(1);
+    const Result serial = run_case(c, in, DType::f32, Backend::cpu);
+    set_num_threads(before);
+    for (const Result* r : {&again, &serial}) {
+        EXPECT_EQ(r->out, first.out);
+        EXPECT_EQ(r->dq, first.dq);
+        EXPECT_EQ(r->dk, first.dk);
+        EXPECT_EQ(r->dv, first.dv);
+    }
+}
+
+TEST(Concurrency, CallsFromManyThreadsMatchSerialResults) {
+    const Case c = determinism_case();
+    Inputs in = make_inputs(c, DType::bf16);
+    const Result serial = run_case(c, in, DType::bf16, Backend::cpu);
+    std::vector<Result> results(4);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t)
+        threads.emplace_back([&, t] { results[t] = run_case(c, in, DType::bf16, Backend::cpu); });
+    for (auto& t : threads) t.join();
+    for (const Result& r : results) {
+        EXPECT_EQ(r.out, serial.out);
+        EXPECT_EQ(r.dq, serial.dq);
+        EXPECT_EQ(r.dk, serial.dk);
+    }
+}
+
+// With v = identity (Dv = Sk), out[i, j] = P_ij * Z_ij: the mask can be read off the output.
+TEST(Dropout, MaskIsExactlyDesignsPhiloxMask) {
+    for (Backend backend : {Backend::cpu, Backend::reference}) {
+        const int64_t B = 2, S = 37, H = 3;
+        const double p = 0.3;
+        Case c{.name = "mask", .B = B, .Sq = S, .Sk = S, .Hq = H, .Hkv = H, .D = 8, .Dv = S,
+               .dropout = p, .seed = 0xfeedface12345678ULL, .offset = 42};
+        Inputs in = make_inputs(c, DType::f64);
+        in.v.fill(0);
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t j = 0; j < S; ++j)
+                for (int64_t h = 0; h < H; ++h) in.v.set(((b * S + j) * H + h) * S + j, 1.0);
+        Tensor out({B, S, H, S}, DType::f64), lse({B, H, S}, DType::f32);
+        forward({.q = in.q.view(), .k = in.k.view(), .v = in.v.view(), .out = out.view(),
+                 .lse = lse.view()},
+                options_for(c, in, backend));
+        const uint32_t threshold = dropout_keep_threshold(p);
+        int64_t kept = 0;
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t i = 0; i < S; ++i)
+                for (int64_t h = 0; h < H; ++h)
+                    for (int64_t j = 0; j < S; ++j) {
+                        const bool keep = dropout_keep(c.seed, 42, threshold, b * H + h, i, j);
+                        const double o = out.get(((b * S + i) * H + h) * S + j);
+                        EXPECT_EQ(o != 0.0, keep) << "b=" << b << " h=" << h << " i=" << i
+                                                  << " j=" << j;
+                        kept += keep;
+                    }
+        EXPECT_NEAR(double(kept) / double(B * H * S * S), 1 - p, 0.02);
+    }
+}
+
+TEST(Dropout, OutputIsUnbiasedOverSeeds) {
+    Case c{.name = "unbiased", .Sq = 4, .Sk = 16, .Hq = 1, .Hkv = 1, .D = 8, .dropout = 0.3};
+    Inputs in = make_inputs(c, DType::f64);
+    Case plain = c;
+    plain.dropout = 0;
+    const std::vector<double> want = run_case(plain, in, DType::f64, Backend::cpu).out;
+    std::vector<double> mean(want.size(), 0.0);
+    const int seeds = 400;
+    for (int s = 0; s < seeds; ++s) {
+        c.seed = uint64_t(s) * 0x9E3779B97F4A7C15ULL;
+        const std::vector<double> out = run_case(c, in, DType::f64, Backend::cpu).out;
+        for (size_t n = 0; n < out.size(); ++n) mean[n] += out[n] / seeds;
+    }
+    EXPECT_LE(rel_error(mean, want), 0.05);
+}
+
+TEST(CallLog, OneLinePerCallWithSeparateCounters) {
+    const std::string path = ::testing::TempDir() + "orchard_log_test.log";
+    std::remove(path.c_str());
+    setenv("ORCHARD_DEBUG_FLASH_ATN", "1", 1);
+    setenv("ORCHARD_LOG_FILE", path.c_str(), 1);
+    reset_stats();
+    const Case c{.name = "log", .Sq = 9, .Sk = 11, .Hq = 4, .Hkv = 2, .D = 16, .causal = true};
+    Inputs in = make_inputs(c, DType::bf16);
+    run_case(c, in, DType::bf16, Backend::cpu);  // FWD + BWD
+    run_case(c, in, DType::bf16, Backend::cpu);  // FWD + BWD
+    unsetenv("ORCHARD_DEBUG_FLASH_ATN");
+    run_case(c, in, DType::bf16, Backend::cpu);  // counted, not logged
+    unsetenv("ORCHARD_LOG_FILE");
+
+    const Stats s = stats();
+    EXPECT_EQ(s.calls[int(Direction::forward)][int(Backend::cpu)], 3);
+    EXPECT_EQ(s.calls[int(Direction::backward)][int(Backend::cpu)], 3);
+    EXPECT_EQ(s.fallbacks[0] + s.fallbacks[1], 0);
+
+    std::ifstream f(path);
+    std::vector<std::string> lines;
+    for (std::string line; std::getline(f, line);) lines.push_back(line);
+    ASSERT_EQ(lines.size(), 4u);
+    const std::regex fwd("^FWD call=(\\d+) backend=cpu op=orchard::forward B=1 Sq=9 Sk=11 Hq=4 "
+                         "Hkv=2 D=16 Dv=16 dtype=bfloat16 .*window=\\(-1,0\\).*fallback=none$");
+    const std::regex bwd("^BWD call=(\\d+) backend=cpu op=orchard::backward .*");
+    std::smatch m0, m2;
+    ASSERT_TRUE(std::regex_match(lines[0], m0, fwd)) << lines[0];
+    ASSERT_TRUE(std::regex_match(lines[1], bwd)) << lines[1];
+    ASSERT_TRUE(std::regex_match(lines[2], m2, fwd)) << lines[2];
+    EXPECT_EQ(std::stoll(m2[1]), std::stoll(m0[1]) + 1);  // FWD counts FWD calls only
+    std::smatch b1, b3;
+    ASSERT_TRUE(std::regex_match(lines[1], b1, bwd));
+    ASSERT_TRUE(std::regex_match(lines[3], b3, bwd));
+    EXPECT_EQ(std::stoll(b3[1]), std::stoll(b1[1]) + 1);
+}
+
+}  // namespace
+}  // namespace orchard::test
