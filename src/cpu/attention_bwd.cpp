@@ -10,109 +10,78 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "core/thread_pool.h"
 #include "cpu/tile_ops-inl.h"
 #include "cpu/tile_size.h"
-#include "hwy/aligned_allocator.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace orchard::cpu::HWY_NAMESPACE {
 
-// Tiles of one (query block, key block) pair; leading dims padded to the vector width.
+// Per-step tiles of a score block in orientation O: S becomes P, dP becomes dS.
 template <class A>
-struct BwdTiles {
-    int64_t ldd, ldv, ldk;  // padded D, Dv, block_k
-    hwy::AlignedFreeUniquePtr<A[]> q, dout, kt, vt, k, s, t, pd, dp, lse, di, acc;
-
-    BwdTiles(const AttentionParams& p, const TileSize& ts, int64_t acc_rows, int64_t acc_ld2) {
-        const int64_t L = lanes<A>(), bq = ts.block_q;
-        ldd = round_up(p.D, L);
-        ldv = round_up(p.Dv, L);
-        ldk = round_up(ts.block_k, L);
-        q = hwy::AllocateAligned<A>(bq * ldd);       // (bq, D)
-        dout = hwy::AllocateAligned<A>(bq * ldv);    // (bq, Dv)
-        kt = hwy::AllocateAligned<A>(p.D * ldk);     // (D, bk)
-        vt = hwy::AllocateAligned<A>(p.Dv * ldk);    // (Dv, bk)
-        k = hwy::AllocateAligned<A>(ts.block_k * ldd);  // (bk, D), dQ pass only
-        s = hwy::AllocateAligned<A>(bq * ldk);       // scores, then P          (bq, bk)
-        t = hwy::AllocateAligned<A>(bq * ldk);       // tanh of softcap          (bq, bk)
-        pd = hwy::AllocateAligned<A>(bq * ldk);      // P with dropout applied   (bq, bk)
-        dp = hwy::AllocateAligned<A>(bq * ldk);      // dP, then dS              (bq, bk)
-        lse = hwy::AllocateAligned<A>(bq);
-        di = hwy::AllocateAligned<A>(bq);
-        acc = hwy::AllocateAligned<A>(acc_rows * acc_ld2);
+struct ScoreTiles {
+    hwy::AlignedFreeUniquePtr<A[]> s, t, pd, dp;  // scores/P, tanh (softcap), P * Z, dP/dS
+    ScoreTiles(int64_t n) {
+        s = alloc_tile<A>(n);
+        t = alloc_tile<A>(n);
+        pd = alloc_tile<A>(n);
+        dp = alloc_tile<A>(n);
     }
 };
 
-// Packs q, dout, lse and D of query rows [i0, i0 + rows) of head (b, h).
-template <class T, class A>
-void pack_query_block(const AttentionParams& p, const A* dsum, int64_t b, int64_t h, int64_t i0,
-                      int64_t rows, BwdTiles<A>& w) {
-    const int64_t fq = p.first_q(b);
-    pack_rows(w.q.get(), w.ldd, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s, p.q_st.d, rows,
-              p.D, w.ldd);
-    pack_rows(w.dout.get(), w.ldv, at<const T>(p.dout, p.dout_st, b, fq, i0, h), p.dout_st.s,
-              p.dout_st.d, rows, p.Dv, w.ldv);
-    const float* lse = p.lse + b * p.lse_st.b + h * p.lse_st.h + (fq + i0) * p.lse_st.s;
-    for (int64_t r = 0; r < rows; ++r) {
-        w.lse[r] = A(lse[r * p.lse_st.s]);
-        w.di[r] = dsum[(b * p.Hq + h) * p.Sq + i0 + r];
-    }
-}
-
-// Packs k^T, v^T (and k when `with_k`) of key rows [j0, j0 + cols) of kv head (b, hk).
-template <class T, class A>
-void pack_key_block(const AttentionParams& p, int64_t b, int64_t hk, int64_t j0, int64_t cols,
-                    bool with_k, BwdTiles<A>& w) {
-    const int64_t fk = p.first_k(b);
-    const T* kb = at<const T>(p.k, p.k_st, b, fk, j0, hk);
-    pack_transposed(w.kt.get(), w.ldk, kb, p.k_st.s, p.k_st.d, cols, p.D, w.ldk);
-    pack_transposed(w.vt.get(), w.ldk, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s,
-                    p.v_st.d, cols, p.Dv, w.ldk);
-    if (with_k) pack_rows(w.k.get(), w.ldd, kb, p.k_st.s, p.k_st.d, cols, p.D, w.ldd);
-}
-
-// For packed blocks: P (in w.s), P with dropout (w.pd, or w.s without dropout) and
-// dS (in w.dp) = P * (dP * Z - D), times the softcap derivative. Returns the P-with-dropout tile.
-template <class A>
-const A* probs_and_ds(const AttentionParams& p, int64_t bh, A slope, const TileGeom& g,
-                      BwdTiles<A>& w) {
-    const int64_t ldk = w.ldk;
-    std::fill(w.s.get(), w.s.get() + g.rows * ldk, A(0));
-    gemm_acc(g.rows, ldk, p.D, w.q.get(), w.ldd, 1, w.kt.get(), ldk, w.s.get(), ldk);
-    const bool softcap = p.softcap > 0;
-    finish_scores<A>(p, slope, g, w.s.get(), softcap ? w.t.get() : nullptr, ldk, ldk);
-    for (int64_t r = 0; r < g.rows; ++r) exp_shifted(w.s.get() + r * ldk, ldk, w.lse[r]);
+// From scores (in w.s, finished) and dP (in w.dp) of one tile: P = exp(S - lse) in w.s, P with
+// dropout in w.pd (or w.s without dropout), and dS = P * (dP * Z - D) = Pd * dP - P * D, times
+// the softcap derivative 1 - tanh^2, in w.dp. lse and D are per query: indexed by tile row
+// (q_rows) or by vector position (k_rows). Returns the P-with-dropout tile.
+template <Orient O, class A>
+const A* probs_and_ds(const AttentionParams& p, int64_t bh, const TileGeom& g, const A* lse,
+                      const A* dsum, ScoreTiles<A>& w, int64_t ld) {
+    const hn::ScalableTag<A> d;
+    const int64_t L = hn::Lanes(d), n = tile_rows<O>(g);
+    auto per_query = [&](const A* v, int64_t x, int64_t y) {
+        if constexpr (O == Orient::q_rows) return hn::Set(d, v[x]);
+        else return hn::LoadU(d, v + y);
+    };
+    for (int64_t x = 0; x < n; ++x)
+        for (int64_t y = 0; y < ld; y += L) {
+            A* sp = w.s.get() + x * ld + y;
+            hn::StoreU(exp_finite(d, hn::Sub(hn::LoadU(d, sp), per_query(lse, x, y))), d, sp);
+        }
     const A* pd = w.s.get();
     if (p.dropout) {
-        apply_dropout(p, bh, g, w.s.get(), w.pd.get(), ldk);
-        for (int64_t r = 0; r < g.rows; ++r)
-            std::fill(w.pd.get() + r * ldk + g.cols, w.pd.get() + (r + 1) * ldk, A(0));
+        std::fill(w.pd.get(), w.pd.get() + n * ld, A(0));
+        apply_dropout<O>(p, bh, g, w.s.get(), w.pd.get(), ld);
         pd = w.pd.get();
     }
-    std::fill(w.dp.get(), w.dp.get() + g.rows * ldk, A(0));
-    gemm_acc(g.rows, ldk, p.Dv, w.dout.get(), w.ldv, 1, w.vt.get(), ldk, w.dp.get(), ldk);
-    const hn::ScalableTag<A> d;
-    const int64_t L = hn::Lanes(d);
+    const bool softcap = p.softcap > 0;
     const auto one = hn::Set(d, A(1));
-    for (int64_t r = 0; r < g.rows; ++r) {
-        const auto di = hn::Set(d, w.di[r]);
-        for (int64_t c = 0; c < ldk; c += L) {
-            const int64_t o = r * ldk + c;
+    for (int64_t x = 0; x < n; ++x)
+        for (int64_t y = 0; y < ld; y += L) {
+            const int64_t o = x * ld + y;
             const auto prob = hn::LoadU(d, w.s.get() + o);
-            const auto dpv = hn::LoadU(d, w.dp.get() + o);
-            // dS = P * (dP * Z - D) = Pd * dP - P * D, with Pd = P * Z.
-            auto ds = hn::Sub(hn::Mul(hn::LoadU(d, pd + o), dpv), hn::Mul(prob, di));
+            auto ds = hn::Sub(hn::Mul(hn::LoadU(d, pd + o), hn::LoadU(d, w.dp.get() + o)),
+                              hn::Mul(prob, per_query(dsum, x, y)));
             if (softcap) {
                 const auto th = hn::LoadU(d, w.t.get() + o);
                 ds = hn::Mul(ds, hn::NegMulAdd(th, th, one));
             }
             hn::StoreU(ds, d, w.dp.get() + o);
         }
-    }
     return pd;
+}
+
+// lse and D of query rows [i0, i0 + rows) of head (b, h) into lse / di (padded with 0 to ld).
+template <class A>
+void load_row_stats(const AttentionParams& p, const A* dsum, int64_t b, int64_t h, int64_t i0,
+                    int64_t rows, int64_t ld, A* lse, A* di) {
+    const float* src = p.lse + b * p.lse_st.b + h * p.lse_st.h + (p.first_q(b) + i0) * p.lse_st.s;
+    for (int64_t r = 0; r < ld; ++r) {
+        lse[r] = r < rows ? A(src[r * p.lse_st.s]) : A(0);
+        di[r] = r < rows ? dsum[(b * p.Hq + h) * p.Sq + i0 + r] : A(0);
+    }
 }
 
 template <class T, class A>
@@ -128,6 +97,9 @@ void preprocess_task(const AttentionParams& p, A* dsum, int64_t bh) {
     }
 }
 
+// dK, dV of key rows [j0, j0 + bk) of kv head (b, hk), over every query block of every query
+// head of its group that sees them. Scores are held as S (bq, bk): k^T and v^T are the packed
+// operands, transposed once per task.
 template <class T, class A>
 void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_t b,
                int64_t hk, int64_t nb) {
@@ -135,33 +107,53 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
     const int64_t j0 = nb * ts.block_k;
     if (j0 >= sk) return;
     const int64_t cols = std::min(ts.block_k, sk - j0), group = p.Hq / p.Hkv;
-    const int64_t ldd = round_up(p.D, lanes<A>());
-    BwdTiles<A> w(p, ts, cols, ldd + round_up(p.Dv, lanes<A>()));
-    A* dk = w.acc.get();                // (cols, ldd)
-    A* dv = w.acc.get() + cols * ldd;  // (cols, ldv)
-    std::fill(w.acc.get(), w.acc.get() + cols * (ldd + w.ldv), A(0));
-    pack_key_block<T>(p, b, hk, j0, cols, false, w);
+    const int64_t L = lanes<A>(), bq = ts.block_q, fk = p.first_k(b), fq = p.first_q(b);
+    const int64_t ldd = round_up(p.D, L), ldv = round_up(p.Dv, L), ldk = round_up(cols, L);
+
+    auto kt = alloc_tile<A>(p.D * ldk);   // (D, ldk)
+    auto vt = alloc_tile<A>(p.Dv * ldk);  // (Dv, ldk)
+    auto q = alloc_tile<A>(bq * ldd);     // (bq, ldd)
+    auto dout = alloc_tile<A>(bq * ldv);  // (bq, ldv)
+    auto lse = alloc_tile<A>(bq);
+    auto di = alloc_tile<A>(bq);
+    auto dk = alloc_tile<A>(cols * ldd);  // (cols, ldd)
+    auto dv = alloc_tile<A>(cols * ldv);  // (cols, ldv)
+    ScoreTiles<A> w(bq * ldk);                       // (bq, ldk)
+    std::fill(dk.get(), dk.get() + cols * ldd, A(0));
+    std::fill(dv.get(), dv.get() + cols * ldv, A(0));
+    pack_transposed(kt.get(), ldk, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
+                    cols, p.D, ldk);
+    pack_transposed(vt.get(), ldk, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
+                    cols, p.Dv, ldk);
 
     const Span qs = queries_seeing(j0, j0 + cols, diag, p.window_left, p.window_right, sq);
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const A slope = p.alibi_slopes ? A(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : A(0);
-        for (int64_t i0 = qs.lo; i0 < qs.hi; i0 += ts.block_q) {
-            const int64_t rows = std::min(ts.block_q, qs.hi - i0);
-            pack_query_block<T>(p, dsum, b, h, i0, rows, w);
+        for (int64_t i0 = qs.lo; i0 < qs.hi; i0 += bq) {
+            const int64_t rows = std::min(bq, qs.hi - i0);
             const TileGeom g{i0, rows, j0, cols, diag};
-            const A* pd = probs_and_ds(p, b * p.Hq + h, slope, g, w);
-            // dV (cols, Dv) += Pd^T (cols, rows) * dout (rows, Dv); dK += dS^T * q.
-            gemm_acc(cols, w.ldv, rows, pd, 1, w.ldk, w.dout.get(), w.ldv, dv, w.ldv);
-            gemm_acc(cols, ldd, rows, w.dp.get(), 1, w.ldk, w.q.get(), ldd, dk, ldd);
+            pack_rows(q.get(), ldd, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s, p.q_st.d,
+                      rows, p.D, ldd);
+            pack_rows(dout.get(), ldv, at<const T>(p.dout, p.dout_st, b, fq, i0, h),
+                      p.dout_st.s, p.dout_st.d, rows, p.Dv, ldv);
+            load_row_stats(p, dsum, b, h, i0, rows, rows, lse.get(), di.get());
+            gemm<false>(rows, ldk, p.D, q.get(), ldd, 1, kt.get(), ldk, w.s.get(), ldk);
+            finish_scores<Orient::q_rows>(p, slope, g, w.s.get(), w.t.get(), ldk);
+            gemm<false>(rows, ldk, p.Dv, dout.get(), ldv, 1, vt.get(), ldk, w.dp.get(), ldk);
+            const A* pd = probs_and_ds<Orient::q_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldk);
+            // dV (cols, Dv) += Pd^T (cols, rows) dout (rows, Dv); dK += dS^T q.
+            gemm<true>(cols, ldv, rows, pd, 1, ldk, dout.get(), ldv, dv.get(), ldv);
+            gemm<true>(cols, ldd, rows, w.dp.get(), 1, ldk, q.get(), ldd, dk.get(), ldd);
         }
     }
-    const int64_t fk = p.first_k(b);
-    T* dk_out = at<T>(p.dk, p.dk_st, b, fk, j0, hk);
-    T* dv_out = at<T>(p.dv, p.dv_st, b, fk, j0, hk);
-    store_rows(dk_out, p.dk_st.s, p.dk_st.d, dk, ldd, cols, p.D, A(p.scale));
-    store_rows(dv_out, p.dv_st.s, p.dv_st.d, dv, w.ldv, cols, p.Dv, A(1));
+    store_rows(at<T>(p.dk, p.dk_st, b, fk, j0, hk), p.dk_st.s, p.dk_st.d, dk.get(), ldd, cols,
+               p.D, A(p.scale));
+    store_rows(at<T>(p.dv, p.dv_st, b, fk, j0, hk), p.dv_st.s, p.dv_st.d, dv.get(), ldv, cols,
+               p.Dv, A(1));
 }
 
+// dQ of query rows [i0, i0 + bq) of head (b, h), over its visible key blocks. Scores are held as
+// S^T (bk, bq): q^T and dout^T are the packed operands, transposed once per task.
 template <class T, class A>
 void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_t b, int64_t h,
              int64_t mb) {
@@ -169,25 +161,51 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
     const int64_t i0 = mb * ts.block_q;
     if (i0 >= sq) return;
     const int64_t rows = std::min(ts.block_q, sq - i0), hk = h / (p.Hq / p.Hkv);
-    const int64_t ldd = round_up(p.D, lanes<A>());
-    BwdTiles<A> w(p, ts, rows, ldd);
-    A* dq = w.acc.get();  // (rows, ldd)
-    std::fill(dq, dq + rows * ldd, A(0));
-    pack_query_block<T>(p, dsum, b, h, i0, rows, w);
+    const int64_t L = lanes<A>(), bk = ts.block_k, fk = p.first_k(b), fq = p.first_q(b);
+    const int64_t ldd = round_up(p.D, L), ldq = round_up(rows, L);
+
+    auto qt = alloc_tile<A>(p.D * ldq);     // (D, ldq)
+    auto dot = alloc_tile<A>(p.Dv * ldq);   // dout^T (Dv, ldq)
+    auto lse = alloc_tile<A>(ldq);
+    auto di = alloc_tile<A>(ldq);
+    auto k = alloc_tile<A>(bk * ldd);       // (bk, ldd)
+    auto vb = alloc_tile<A>(std::is_same_v<T, A> ? 0 : bk * p.Dv);  // (bk, Dv)
+    auto dq = alloc_tile<A>(rows * ldd);    // (rows, ldd)
+    ScoreTiles<A> w(bk * ldq);                         // (bk, ldq)
+    std::fill(dq.get(), dq.get() + rows * ldd, A(0));
+    pack_transposed(qt.get(), ldq, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s, p.q_st.d,
+                    rows, p.D, ldq);
+    pack_transposed(dot.get(), ldq, at<const T>(p.dout, p.dout_st, b, fq, i0, h), p.dout_st.s,
+                    p.dout_st.d, rows, p.Dv, ldq);
+    load_row_stats(p, dsum, b, h, i0, rows, ldq, lse.get(), di.get());
 
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : A(0);
     const Span first = visible_keys(i0, diag, p.window_left, p.window_right, sk);
     const Span last = visible_keys(i0 + rows - 1, diag, p.window_left, p.window_right, sk);
     const int64_t j_hi = std::max(last.hi, first.lo);
-    for (int64_t j0 = first.lo; j0 < j_hi; j0 += ts.block_k) {
-        const int64_t cols = std::min(ts.block_k, j_hi - j0);
-        pack_key_block<T>(p, b, hk, j0, cols, true, w);
+    for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
+        const int64_t cols = std::min(bk, j_hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
-        probs_and_ds(p, b * p.Hq + h, slope, g, w);
-        // dQ (rows, D) += dS (rows, cols) * k (cols, D).
-        gemm_acc(rows, ldd, cols, w.dp.get(), w.ldk, 1, w.k.get(), ldd, dq, ldd);
+        pack_rows(k.get(), ldd, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
+                  cols, p.D, ldd);
+        // v is read in place when no conversion is needed: dP^T = v dout^T.
+        const T* v_src = at<const T>(p.v, p.v_st, b, fk, j0, hk);
+        const A* va = reinterpret_cast<const A*>(v_src);
+        int64_t va_row = p.v_st.s, va_col = p.v_st.d;
+        if constexpr (!std::is_same_v<T, A>) {
+            pack_rows(vb.get(), p.Dv, v_src, p.v_st.s, p.v_st.d, cols, p.Dv, p.Dv);
+            va = vb.get();
+            va_row = p.Dv;
+            va_col = 1;
+        }
+        gemm<false>(cols, ldq, p.D, k.get(), ldd, 1, qt.get(), ldq, w.s.get(), ldq);
+        finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq);
+        gemm<false>(cols, ldq, p.Dv, va, va_row, va_col, dot.get(), ldq, w.dp.get(), ldq);
+        probs_and_ds<Orient::k_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldq);
+        // dQ (rows, D) += dS (rows, cols) k (cols, D), dS read from dS^T.
+        gemm<true>(rows, ldd, cols, w.dp.get(), 1, ldq, k.get(), ldd, dq.get(), ldd);
     }
-    store_rows(at<T>(p.dq, p.dq_st, b, p.first_q(b), i0, h), p.dq_st.s, p.dq_st.d, dq, ldd, rows,
+    store_rows(at<T>(p.dq, p.dq_st, b, fq, i0, h), p.dq_st.s, p.dq_st.d, dq.get(), ldd, rows,
                p.D, A(p.scale));
 }
 

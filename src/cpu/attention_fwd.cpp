@@ -1,5 +1,10 @@
 // CPU forward: tiled FlashAttention (online softmax, no S x S matrix), SIMD per target via
 // Highway dynamic dispatch, threads over (batch, head, query block).
+//
+// Each task keeps one query block fixed and streams key blocks past it, so the query block is
+// transposed once into the packed GEMM operand q^T (D, bq) and scores are held as S^T (bk, bq):
+// vectors run over queries, which makes the online softmax's per-query max and sum plain
+// element-wise vector ops.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/attention_fwd.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -7,14 +12,41 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "core/thread_pool.h"
 #include "cpu/tile_ops-inl.h"
 #include "cpu/tile_size.h"
-#include "hwy/aligned_allocator.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace orchard::cpu::HWY_NAMESPACE {
+
+// Online softmax over the keys of S^T (n_keys, ld): updates the running max m and sum l of every
+// query (vectors over ld), turns S^T into P^T = exp(S^T - m_new) and returns in `alpha` the
+// factor exp(m_old - m_new) that rescales each query's accumulator.
+template <class A>
+void softmax_update(A* st, int64_t n_keys, int64_t ld, A* m, A* l, A* alpha) {
+    const hn::ScalableTag<A> d;
+    const int64_t L = hn::Lanes(d);
+    const auto neg_inf = hn::Set(d, -std::numeric_limits<A>::infinity());
+    for (int64_t y = 0; y < ld; y += L) {
+        const auto m_old = hn::LoadU(d, m + y);
+        auto m_new = m_old;
+        for (int64_t x = 0; x < n_keys; ++x) m_new = hn::Max(m_new, hn::LoadU(d, st + x * ld + y));
+        // Queries that have seen no visible key yet keep m = -inf and use 0 as the shift.
+        const auto shift = hn::IfThenZeroElse(hn::Eq(m_new, neg_inf), m_new);
+        auto sum = hn::Zero(d);
+        for (int64_t x = 0; x < n_keys; ++x) {
+            const auto e = exp_finite(d, hn::Sub(hn::LoadU(d, st + x * ld + y), shift));
+            sum = hn::Add(sum, e);
+            hn::StoreU(e, d, st + x * ld + y);
+        }
+        const auto a = exp_finite(d, hn::Sub(m_old, shift));
+        hn::StoreU(hn::MulAdd(hn::LoadU(d, l + y), a, sum), d, l + y);
+        hn::StoreU(m_new, d, m + y);
+        hn::StoreU(a, d, alpha + y);
+    }
+}
 
 // One task: query rows [i0, i0 + bq) of head h in sequence b, all visible key blocks.
 template <class T>
@@ -27,52 +59,52 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
     const int64_t rows = std::min(ts.block_q, sq - i0);
     const int64_t hk = h / (p.Hq / p.Hkv);
     const int64_t fq = p.first_q(b), fk = p.first_k(b);
-    const int64_t bk = ts.block_k, ldv = round_up(p.Dv, L), ldk = round_up(bk, L);
+    const int64_t bk = ts.block_k, ldq = round_up(rows, L), ldv = round_up(p.Dv, L);
 
-    // Tiles: q (rows, D), kt (D, ldk), v (bk, ldv), s (rows, ldk), acc (rows, ldv).
-    auto q = hwy::AllocateAligned<A>(rows * p.D);
-    auto kt = hwy::AllocateAligned<A>(p.D * ldk);
-    auto v = hwy::AllocateAligned<A>(bk * ldv);
-    auto s = hwy::AllocateAligned<A>(rows * ldk);
-    auto acc = hwy::AllocateAligned<A>(rows * ldv);
-    auto m = hwy::AllocateAligned<A>(rows);
-    auto l = hwy::AllocateAligned<A>(rows);
+    // Tiles: qt (D, ldq), k (bk, D) when converting, v (bk, ldv), st (bk, ldq), acc (rows, ldv).
+    auto qt = alloc_tile<A>(p.D * ldq);
+    auto kb = alloc_tile<A>(std::is_same_v<T, A> ? 0 : bk * p.D);
+    auto v = alloc_tile<A>(bk * ldv);
+    auto st = alloc_tile<A>(bk * ldq);
+    auto acc = alloc_tile<A>(rows * ldv);
+    auto m = alloc_tile<A>(ldq);
+    auto l = alloc_tile<A>(ldq);
+    auto alpha = alloc_tile<A>(ldq);
     std::fill(acc.get(), acc.get() + rows * ldv, A(0));
-    std::fill(m.get(), m.get() + rows, -std::numeric_limits<A>::infinity());
-    std::fill(l.get(), l.get() + rows, A(0));
-    pack_rows(q.get(), p.D, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s, p.q_st.d, rows,
-              p.D, p.D);
+    std::fill(m.get(), m.get() + ldq, -std::numeric_limits<A>::infinity());
+    std::fill(l.get(), l.get() + ldq, A(0));
+    pack_transposed(qt.get(), ldq, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s, p.q_st.d,
+                    rows, p.D, ldq);
 
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : A(0);
     const Span first = visible_keys(i0, diag, p.window_left, p.window_right, sk);
     const Span last = visible_keys(i0 + rows - 1, diag, p.window_left, p.window_right, sk);
-    const int64_t j_lo = first.lo, j_hi = std::max(last.hi, j_lo);
+    const int64_t j_hi = std::max(last.hi, first.lo);
 
-    for (int64_t j0 = j_lo; j0 < j_hi; j0 += bk) {
+    for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
         const int64_t cols = std::min(bk, j_hi - j0);
-        const T* kb = at<const T>(p.k, p.k_st, b, fk, j0, hk);
-        pack_transposed(kt.get(), ldk, kb, p.k_st.s, p.k_st.d, cols, p.D, ldk);
+        const TileGeom g{i0, rows, j0, cols, diag};
+        // k is read in place when no conversion is needed (any strides): S^T = k q^T.
+        const T* k_src = at<const T>(p.k, p.k_st, b, fk, j0, hk);
+        const A* ka = reinterpret_cast<const A*>(k_src);
+        int64_t ka_row = p.k_st.s, ka_col = p.k_st.d;
+        if constexpr (!std::is_same_v<T, A>) {
+            pack_rows(kb.get(), p.D, k_src, p.k_st.s, p.k_st.d, cols, p.D, p.D);
+            ka = kb.get();
+            ka_row = p.D;
+            ka_col = 1;
+        }
         pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
                   cols, p.Dv, ldv);
-        std::fill(s.get(), s.get() + rows * ldk, A(0));
-        gemm_acc(rows, ldk, p.D, q.get(), p.D, 1, kt.get(), ldk, s.get(), ldk);
-        const TileGeom g{i0, rows, j0, cols, diag};
-        finish_scores<A>(p, slope, g, s.get(), nullptr, ldk, ldk);
-
-        for (int64_t r = 0; r < rows; ++r) {
-            A* srow = s.get() + r * ldk;
-            const A m_new = std::max(m[r], row_max(srow, ldk));
-            if (m_new == -std::numeric_limits<A>::infinity()) {
-                std::fill(srow, srow + ldk, A(0));  // nothing visible yet in this row
-                continue;
-            }
-            const A rescale = std::exp(m[r] - m_new);  // 0 when m[r] was -inf
-            l[r] = l[r] * rescale + exp_shifted(srow, ldk, m_new);
-            m[r] = m_new;
-            if (rescale != A(1)) scale_row(acc.get() + r * ldv, ldv, rescale);
-        }
-        if (p.dropout) apply_dropout(p, b * p.Hq + h, g, s.get(), s.get(), ldk);
-        gemm_acc(rows, ldv, cols, s.get(), ldk, 1, v.get(), ldv, acc.get(), ldv);
+        gemm<false>(cols, ldq, p.D, ka, ka_row, ka_col, qt.get(), ldq, st.get(), ldq);
+        finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<A*>(nullptr), ldq);
+        softmax_update(st.get(), cols, ldq, m.get(), l.get(), alpha.get());
+        for (int64_t r = 0; r < rows; ++r)
+            if (alpha[r] != A(1)) scale_row(acc.get() + r * ldv, ldv, alpha[r]);
+        if (p.dropout)
+            apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, st.get(), st.get(), ldq);
+        // acc (rows, Dv) += P (rows, cols) v (cols, Dv), P read from P^T.
+        gemm<true>(rows, ldv, cols, st.get(), 1, ldq, v.get(), ldv, acc.get(), ldv);
     }
 
     T* out = at<T>(p.out, p.out_st, b, fq, i0, h);
