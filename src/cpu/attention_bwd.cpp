@@ -4,7 +4,11 @@
 //               query heads of its GQA group                   key block)
 //   dQ pass     per query block, over its key blocks           threads over (batch, head,
 //                                                              query block)
-// Both passes recompute S and dP from q, k, v, dout and the given lse (nothing S x S stored).
+// Both passes recompute S and dP from q, k, v, dout and the given lse (nothing S x S stored),
+// which costs 7 block matmuls per tile pair instead of 5. When there are enough (batch, kv head)
+// pairs to keep every thread busy, one fused pass per pair computes dQ alongside dK/dV in a
+// private O(S) buffer instead (5 matmuls); it adds the same terms in the same order, so results
+// are bitwise identical either way, whatever the thread count.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/attention_bwd.cpp"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -99,10 +103,11 @@ void preprocess_task(const AttentionParams& p, A* dsum, int64_t bh) {
 
 // dK, dV of key rows [j0, j0 + bk) of kv head (b, hk), over every query block of every query
 // head of its group that sees them. Scores are held as S (bq, bk): k^T and v^T are the packed
-// operands, transposed once per task.
+// operands, transposed once per task. With `dq_acc` (group, sq, round_up(D)) it also adds this
+// key block's share of dQ there (the fused single pass).
 template <class T, class A>
 void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_t b,
-               int64_t hk, int64_t nb) {
+               int64_t hk, int64_t nb, A* dq_acc) {
     const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
     const int64_t j0 = nb * ts.block_k;
     if (j0 >= sk) return;
@@ -118,6 +123,7 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
     auto di = alloc_tile<A>(bq);
     auto dk = alloc_tile<A>(cols * ldd);  // (cols, ldd)
     auto dv = alloc_tile<A>(cols * ldv);  // (cols, ldv)
+    auto kn = alloc_tile<A>(dq_acc ? cols * ldd : 0);  // (cols, ldd), fused pass only
     ScoreTiles<A> w(bq * ldk);                       // (bq, ldk)
     std::fill(dk.get(), dk.get() + cols * ldd, A(0));
     std::fill(dv.get(), dv.get() + cols * ldv, A(0));
@@ -125,6 +131,9 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
                     cols, p.D, ldk);
     pack_transposed(vt.get(), ldk, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
                     cols, p.Dv, ldk);
+    if (dq_acc)
+        pack_rows(kn.get(), ldd, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
+                  cols, p.D, ldd);
 
     const Span qs = queries_seeing(j0, j0 + cols, diag, p.window_left, p.window_right, sq);
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -144,6 +153,11 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
             // dV (cols, Dv) += Pd^T (cols, rows) dout (rows, Dv); dK += dS^T q.
             gemm<true>(cols, ldv, rows, pd, 1, ldk, dout.get(), ldv, dv.get(), ldv);
             gemm<true>(cols, ldd, rows, w.dp.get(), 1, ldk, q.get(), ldd, dk.get(), ldd);
+            // dQ (rows, D) += dS (rows, cols) k (cols, D): the same sums, in the same key order,
+            // as the dQ pass computes.
+            if (dq_acc)
+                gemm<true>(rows, ldd, cols, w.dp.get(), ldk, 1, kn.get(), ldd,
+                           dq_acc + ((h - hk * group) * sq + i0) * ldd, ldd);
         }
     }
     store_rows(at<T>(p.dk, p.dk_st, b, fk, j0, hk), p.dk_st.s, p.dk_st.d, dk.get(), ldd, cols,
@@ -223,12 +237,31 @@ void bwd_typed(const AttentionParams& p) {
     auto pre = [&](int64_t bh) { preprocess_task<T>(p, dsum, bh); };
     parallel_for(p.B * p.Hq, pre);
 
-    // Under causal masks the first key blocks and the last query blocks have the most work:
-    // they are handed out first.
     const int64_t nk = ceil_div(p.Sk, ts.block_k), kv_heads = p.B * p.Hkv;
+    const int64_t group = p.Hq / p.Hkv, ldd = round_up(p.D, lanes<A>());
+    const int64_t dq_bytes = group * p.Sq * ldd * int64_t(sizeof(A));
+    if (fuse_dq(kv_heads, pool_threads(), dq_bytes, p.is_varlen())) {
+        // One task per (batch, kv head): all its key blocks in order, dQ in a private buffer.
+        auto fused = [&](int64_t bh) {
+            const int64_t b = bh / p.Hkv, hk = bh % p.Hkv, sq = p.seqlen_q(b);
+            auto dq = alloc_tile<A>(group * sq * ldd);
+            std::fill(dq.get(), dq.get() + group * sq * ldd, A(0));
+            for (int64_t nb = 0; nb < nk; ++nb) dkdv_task<T>(p, ts, dsum, b, hk, nb, dq.get());
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t h = hk * group + g;
+                store_rows(at<T>(p.dq, p.dq_st, b, p.first_q(b), 0, h), p.dq_st.s, p.dq_st.d,
+                           dq.get() + g * sq * ldd, ldd, sq, p.D, A(p.scale));
+            }
+        };
+        parallel_for(kv_heads, fused);
+        return;
+    }
+
+    // Two passes. Under causal masks the first key blocks and the last query blocks have the
+    // most work: they are handed out first.
     auto dkdv = [&](int64_t t) {
         const int64_t nb = t / kv_heads, bh = t % kv_heads;
-        dkdv_task<T>(p, ts, dsum, bh / p.Hkv, bh % p.Hkv, nb);
+        dkdv_task<T>(p, ts, dsum, bh / p.Hkv, bh % p.Hkv, nb, static_cast<A*>(nullptr));
     };
     parallel_for(nk * kv_heads, dkdv);
 

@@ -20,4 +20,17 @@ inline TileSize tile_size(int64_t D, int64_t Dv) {
     return {64, 64};
 }
 
+// Whether the backward computes dQ inside the dK/dV pass (5 block matmuls instead of 7). That
+// pass then runs one task per (batch, kv head) with a private dQ buffer of `dq_bytes`.
+inline bool fuse_dq(int64_t kv_tasks, int threads, int64_t dq_bytes, bool varlen) {
+    // Unequal sequences make per-sequence tasks uneven: fuse only with many tasks per thread.
+    if (varlen && kv_tasks < 8 * int64_t(threads)) return false;
+    // Every thread needs a task, and the last round of tasks must be >= 80% full (the fused
+    // pass saves 2 of 7 matmuls, so up to 1.25x imbalance still wins).
+    const int64_t rounds = (kv_tasks + threads - 1) / threads;
+    if (kv_tasks < threads || 4 * rounds * threads > 5 * kv_tasks) return false;
+    // Bound the private buffers (threads of them are live at once).
+    return dq_bytes <= (int64_t(64) << 20);
+}
+
 }  // namespace orchard::cpu

@@ -172,21 +172,41 @@ Case determinism_case() {
             .causal = true, .dropout = 0.1};
 }
 
+// With 3 (batch, kv head) pairs the backward runs fused on 1 thread and in two passes on 2.
+Case fused_vs_two_pass_case() {
+    return {.name = "det3", .B = 1, .Sq = 150, .Sk = 170, .Hq = 6, .Hkv = 3, .D = 40,
+            .left = 60, .right = 10, .softcap = 2.0, .alibi = 1, .dropout = 0.1};
+}
+
 TEST(Determinism, BackwardIsBitwiseIdenticalAcrossRunsAndThreadCounts) {
-    const Case c = determinism_case();
-    Inputs in = make_inputs(c, DType::f32);
-    const Result first = run_case(c, in, DType::f32, Backend::cpu);
-    const Result again = run_case(c, in, DType::f32, Backend::cpu);
-    const int before = num_threads();
-    set_num_threads(1);
-    const Result serial = run_case(c, in, DType::f32, Backend::cpu);
-    set_num_threads(before);
-    for (const Result* r : {&again, &serial}) {
-        EXPECT_EQ(r->out, first.out);
-        EXPECT_EQ(r->dq, first.dq);
-        EXPECT_EQ(r->dk, first.dk);
-        EXPECT_EQ(r->dv, first.dv);
+    ASSERT_FALSE(cpu::fuse_dq(3, 2, 0, false));
+    ASSERT_TRUE(cpu::fuse_dq(3, 1, 0, false));
+    for (const Case& c : {determinism_case(), fused_vs_two_pass_case()}) {
+        Inputs in = make_inputs(c, DType::f32);
+        const int before = num_threads();
+        set_num_threads(2);
+        const Result first = run_case(c, in, DType::f32, Backend::cpu);
+        const Result again = run_case(c, in, DType::f32, Backend::cpu);
+        set_num_threads(1);
+        const Result serial = run_case(c, in, DType::f32, Backend::cpu);
+        set_num_threads(before);
+        for (const Result* r : {&again, &serial}) {
+            EXPECT_EQ(r->out, first.out) << c.name;
+            EXPECT_EQ(r->dq, first.dq) << c.name;
+            EXPECT_EQ(r->dk, first.dk) << c.name;
+            EXPECT_EQ(r->dv, first.dv) << c.name;
+        }
     }
+}
+
+TEST(TileSize, FusedBackwardOnlyWhenTasksSpreadEvenly) {
+    EXPECT_TRUE(cpu::fuse_dq(8, 2, 1 << 20, false));
+    EXPECT_TRUE(cpu::fuse_dq(5, 2, 1 << 20, false));    // 3 rounds x 2 = 6 <= 1.25 x 5
+    EXPECT_FALSE(cpu::fuse_dq(3, 2, 1 << 20, false));   // 4 > 1.25 x 3
+    EXPECT_FALSE(cpu::fuse_dq(1, 2, 1 << 20, false));   // a thread would idle
+    EXPECT_FALSE(cpu::fuse_dq(8, 2, int64_t(1) << 30, false));  // buffer too large
+    EXPECT_FALSE(cpu::fuse_dq(8, 2, 1 << 20, true));    // varlen needs 8 tasks per thread
+    EXPECT_TRUE(cpu::fuse_dq(16, 2, 1 << 20, true));
 }
 
 TEST(Concurrency, CallsFromManyThreadsMatchSerialResults) {
