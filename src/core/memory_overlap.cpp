@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -34,6 +35,22 @@ ByteRange byte_range(const TensorView& view) {
     return {lo, hi + es};
 }
 
+// A view (positive strides) as one contiguous row of `row` bytes repeated at byte offsets that
+// are multiples of `period` (0: the row is the whole view).
+struct RowGrid {
+    int64_t row, period;
+};
+
+RowGrid row_grid(const TensorView& view) {
+    const auto dims = sorted_dims(view);
+    int64_t row = element_size(view.dtype);
+    size_t k = 0;
+    for (; k < dims.size() && dims[k].first == row; ++k) row *= dims[k].second;
+    int64_t period = 0;
+    for (size_t m = k; m < dims.size(); ++m) period = std::gcd(period, dims[m].first);
+    return {row, period};
+}
+
 }  // namespace
 
 bool has_internal_overlap(const TensorView& view) {
@@ -59,25 +76,20 @@ bool may_overlap(const TensorView& a, const TensorView& b) {
     const ByteRange ra = byte_range(a), rb = byte_range(b);
     if (base_a + ra.hi <= base_b + rb.lo || base_b + rb.hi <= base_a + ra.lo) return false;
 
-    // Interleaved views with one layout (and positive strides): each is a contiguous "row" of
-    // `row` bytes repeated on a grid whose strides are multiples of `period`. They are disjoint
-    // iff their rows are disjoint inside one period.
+    // Interleaved views (positive strides), e.g. q, k, v of one packed qkv buffer, also with
+    // different head counts (GQA): each is a contiguous row repeated at multiples of its
+    // period, so both lie on the grid of the common period P = gcd. They are disjoint when
+    // their rows are disjoint inside one period.
     for (int i = 0; i < a.ndim; ++i)
         if (a.strides[i] < 0) return true;
     for (int i = 0; i < b.ndim; ++i)
         if (b.strides[i] < 0) return true;
-    const auto dims = sorted_dims(a);
-    if (dims != sorted_dims(b) || a.dtype != b.dtype) return true;
-    int64_t row = element_size(a.dtype);
-    size_t k = 0;
-    for (; k < dims.size() && dims[k].first == row; ++k) row *= dims[k].second;
-    if (k == dims.size() || dims[k].first < row) return true;
-    const int64_t period = dims[k].first;
-    for (size_t m = k; m < dims.size(); ++m)
-        if (dims[m].first % period != 0) return true;
-    const int64_t delta =
-        std::llabs((base_b + b.byte_offset) - (base_a + a.byte_offset)) % period;
-    return !(delta >= row && delta + row <= period);
+    const RowGrid ga = row_grid(a), gb = row_grid(b);
+    const int64_t period = std::gcd(ga.period, gb.period);
+    if (period == 0 || ga.row > period || gb.row > period) return true;
+    int64_t delta = ((base_b + b.byte_offset) - (base_a + a.byte_offset)) % period;
+    if (delta < 0) delta += period;  // b's row starts `delta` bytes into a's period
+    return !(delta >= ga.row && delta + gb.row <= period);
 }
 
 }  // namespace orchard

@@ -1,7 +1,9 @@
 // Validation of every argument of forward() / backward(), done once, and the params it builds.
 #include "core/validate.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -40,6 +42,10 @@ std::string dims_str(const std::vector<int64_t>& dims) {
     return os.str();
 }
 
+std::string strides_str(const TensorView& v) {
+    return dims_str(std::vector<int64_t>(v.strides, v.strides + v.ndim));
+}
+
 std::string device_str(Device d) {
     return d.kind == DeviceKind::cpu ? "cpu" : std::string(to_string(d.kind)) + ":" + std::to_string(d.index);
 }
@@ -49,6 +55,20 @@ struct Named {
     const TensorView* view;
 };
 
+// The number of elements of a view with sizes >= 0, or -1 when its bytes do not fit in int64
+// (TensorView::numel() would overflow, e.g. wrap to 0 and pass for an empty tensor).
+int64_t checked_numel(const TensorView& v) {
+    for (int i = 0; i < v.ndim; ++i)
+        if (v.shape[i] == 0) return 0;
+    const int64_t limit = std::numeric_limits<int64_t>::max() / element_size(v.dtype);
+    int64_t n = 1;
+    for (int i = 0; i < v.ndim; ++i) {
+        if (n > limit / v.shape[i]) return -1;
+        n *= v.shape[i];
+    }
+    return n;
+}
+
 // Checks common to every tensor argument: given, sane sizes, data present, on q's device.
 void check_view(const std::string& op, const Named& t, Device device) {
     const TensorView& v = *t.view;
@@ -56,9 +76,14 @@ void check_view(const std::string& op, const Named& t, Device device) {
     if (v.ndim < 0 || v.ndim > kMaxDims)
         invalid(op, t.name, " has ", v.ndim, " dimensions; expected 1 to ", kMaxDims);
     for (int i = 0; i < v.ndim; ++i)
-        if (v.shape[i] < 0) invalid(op, t.name, " has a negative size: shape ", shape_str(v));
-    if (v.data == nullptr && v.numel() > 0)
-        invalid(op, t.name, " has a null data pointer but ", v.numel(), " elements");
+        if (v.shape[i] < 0)
+            invalid(op, t.name, " sizes must be >= 0 but its shape is ", shape_str(v));
+    const int64_t numel = checked_numel(v);
+    if (numel < 0)
+        invalid(op, t.name, " must span fewer than 2^63 bytes but has shape ", shape_str(v),
+                " of ", to_string(v.dtype));
+    if (v.data == nullptr && numel > 0)
+        invalid(op, t.name, " has a null data pointer but ", numel, " elements");
     if (!(v.device == device))
         invalid(op, t.name, " is on ", device_str(v.device), " but q is on ", device_str(device));
 }
@@ -87,7 +112,8 @@ void check_dtype(const std::string& op, const Named& t, DType expected, const ch
 void check_writable(const std::string& op, const Named& out, const std::vector<Named>& others) {
     if (has_internal_overlap(*out.view))
         invalid(op, out.name, " has overlapping elements (a stride-0 / expanded dimension; shape ",
-                shape_str(*out.view), "): it cannot be written; pass a tensor with its own memory");
+                shape_str(*out.view), ", strides ", strides_str(*out.view),
+                "): it cannot be written; pass a tensor with its own memory");
     for (const Named& o : others)
         if (o.view != out.view && may_overlap(*out.view, *o.view))
             invalid(op, out.name, " overlaps ", o.name,
@@ -110,12 +136,12 @@ void check_cu_seqlens(const std::string& op, const char* name, const TensorView&
     if (cu.ndim != 1 || cu.shape[0] != B + 1)
         invalid(op, name, " has shape ", shape_str(cu), " but expected (", B + 1, ",) = (B + 1,)");
     if (cu.shape[0] > 1 && cu.strides[0] != 1)
-        invalid(op, name, " must be contiguous but has stride ", cu.strides[0]);
+        invalid(op, name, " must be contiguous (stride 1) but has stride ", cu.strides[0]);
     if (max_seqlen < 0) invalid(op, max_name, " must be >= 0 but is ", max_seqlen);
     if (cu.device.kind != DeviceKind::cpu) {
         // Device memory is not read here: the GPU backend checks bounds in its kernels.
         if (max_seqlen <= 0 && B > 0 && total > 0)
-            invalid(op, max_name, " must be given (> 0) for device tensors");
+            invalid(op, max_name, " must be given (> 0) for device tensors but is ", max_seqlen);
         return;
     }
     const auto* c = reinterpret_cast<const int32_t*>(cu.base());
@@ -129,10 +155,12 @@ void check_cu_seqlens(const std::string& op, const char* name, const TensorView&
     }
     if (c[B] != total)
         invalid(op, name, "[-1] must equal the total number of tokens ", total, " but is ", c[B]);
-    if (max_seqlen == 0) max_seqlen = longest;
-    if (longest > max_seqlen)
+    if (max_seqlen > 0 && longest > max_seqlen)
         invalid(op, max_name, " is ", max_seqlen, " but the longest sequence in ", name, " has ",
                 longest, " tokens");
+    // Any upper bound is allowed; the exact one is known here, so a loose max_seqlen (say 2^40)
+    // sizes neither the kernels' grids nor their scratch.
+    max_seqlen = longest;
 }
 
 const BackendOps& pick_backend(const std::string& op, Backend requested, Device device) {
@@ -170,7 +198,8 @@ PreparedCall prepare_common(const std::string& op, const TensorView& q, const Te
 
     const bool varlen = !o.cu_seqlens_q.empty_view();
     if (varlen == o.cu_seqlens_k.empty_view())
-        invalid(op, "cu_seqlens_q and cu_seqlens_k must be given together (varlen) or not at all");
+        invalid(op, "cu_seqlens_q and cu_seqlens_k must be given together (varlen) or not at all "
+                "but only ", varlen ? "cu_seqlens_q" : "cu_seqlens_k", " is given");
     const int rank = varlen ? 3 : 4;
     const char* layout = varlen ? "(total, H, D)" : "(B, S, H, D)";
     for (const Named& t : {Named{"q", &q}, Named{"k", &k}, Named{"v", &v}, Named{"out", &out}})
@@ -241,8 +270,11 @@ PreparedCall prepare_common(const std::string& op, const TensorView& q, const Te
                 o.window_right, ")");
     if (o.causal && o.window_right > 0)
         invalid(op, "causal=true implies window_size[1] = 0 but window_size[1] is ", o.window_right);
-    p.window_left = o.window_left < 0 ? kUnbounded : o.window_left;
-    p.window_right = o.causal ? 0 : (o.window_right < 0 ? kUnbounded : o.window_right);
+    // A window wider than kUnbounded is unbounded; clamping keeps the kernels' index arithmetic
+    // (i + Sk - Sq +- window) from overflowing.
+    p.window_left = o.window_left < 0 ? kUnbounded : std::min(o.window_left, kUnbounded);
+    p.window_right =
+        o.causal ? 0 : (o.window_right < 0 ? kUnbounded : std::min(o.window_right, kUnbounded));
 
     if (!o.alibi_slopes.empty_view()) {
         const TensorView& a = o.alibi_slopes;
@@ -332,8 +364,10 @@ PreparedCall prepare_backward(const BackwardArgs& a, const AttentionOptions& o, 
     check_supported(call, Direction::backward);
     if (ws.data == nullptr && ws.bytes > 0)
         invalid(op, "workspace has ", ws.bytes, " bytes but a null data pointer");
-    // Gradients of an empty problem are still defined: dk / dv are zero when no query exists.
-    call.nothing_to_do = p.B == 0 || p.Hq == 0 || (a.k.numel() == 0 && a.q.numel() == 0);
+    // Gradients of an empty problem are still defined: dk / dv are zero when no query exists
+    // (Sq = 0, or Hq = 0 with Hkv > 0), dq is zero when no key exists. Only when there is no
+    // gradient element to write is there nothing to do.
+    call.nothing_to_do = a.dq.numel() == 0 && a.dk.numel() == 0 && a.dv.numel() == 0;
     return call;
 }
 
