@@ -13,6 +13,9 @@
 namespace orchard {
 namespace {
 
+// Backends read the workspace as arrays of float / double (and vectors of them).
+constexpr uintptr_t kWorkspaceAlignment = 64;
+
 template <typename... Ts>
 [[noreturn]] void fail(ErrorKind kind, const std::string& op, const Ts&... parts) {
     std::ostringstream os;
@@ -364,6 +367,9 @@ PreparedCall prepare_backward(const BackwardArgs& a, const AttentionOptions& o, 
     check_supported(call, Direction::backward);
     if (ws.data == nullptr && ws.bytes > 0)
         invalid(op, "workspace has ", ws.bytes, " bytes but a null data pointer");
+    if (reinterpret_cast<uintptr_t>(ws.data) % kWorkspaceAlignment != 0)
+        invalid(op, "workspace must be ", kWorkspaceAlignment, "-byte aligned but its address is ",
+                ws.data);
     // Gradients of an empty problem are still defined: dk / dv are zero when no query exists
     // (Sq = 0, or Hq = 0 with Hkv > 0), dq is zero when no key exists. Only when there is no
     // gradient element to write is there nothing to do.

@@ -3,8 +3,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <utility>
@@ -572,6 +574,12 @@ TEST_F(Validation, WorkspaceNullData) {
                  {"workspace has 64 bytes but a null data pointer"});
 }
 
+TEST_F(Validation, WorkspaceMisaligned) {
+    alignas(64) static char buf[256];
+    expect_error([&] { backward({buf + 4, 128}); }, kInvalid, "orchard::backward",
+                 {"workspace must be 64-byte aligned but its address is"});
+}
+
 TEST_F(Validation, OpNameReplacesDefault) {
     opt.op_name = "orchard.flash_attn_func";
     k = Tensor({1, 5, 2, 16}, DType::f32);
@@ -630,8 +638,11 @@ TEST_F(Validation, CallerWorkspace) {
     dq.fill(-3);
     dk.fill(-3);
     dv.fill(-3);
-    std::vector<double> ws(bytes / sizeof(double) + 1, kNaN);  // aligned for any accumulator
-    ASSERT_NO_THROW(backward({ws.data(), bytes}));
+    const size_t n = bytes / sizeof(double) + 8;
+    std::unique_ptr<double[], decltype(&std::free)> ws(
+        static_cast<double*>(std::aligned_alloc(64, n * sizeof(double))), &std::free);
+    std::fill(ws.get(), ws.get() + n, kNaN);
+    ASSERT_NO_THROW(backward({ws.get(), bytes}));
     EXPECT_EQ(dq.values(), dq0);
     EXPECT_EQ(dk.values(), dk0);
     EXPECT_EQ(dv.values(), dv0);
