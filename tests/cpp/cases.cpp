@@ -18,6 +18,10 @@ std::vector<Case> case_list() {
     add({.name = "sq_gt_sk", .Sq = 129, .Sk = 33});
     add({.name = "hdim8", .D = 8});
     add({.name = "hdim80", .Sq = 70, .Sk = 90, .D = 80});
+    add({.name = "hdim96", .Sq = 33, .Sk = 140, .Hq = 2, .Hkv = 1, .D = 96});
+    add({.name = "hdim128_mqa_causal", .B = 2, .Sq = 300, .Sk = 300, .Hq = 4, .Hkv = 1, .D = 128,
+         .causal = true});
+    add({.name = "decode_like", .Sq = 3, .Sk = 1000, .Hq = 4, .Hkv = 2, .D = 64, .causal = true});
     add({.name = "hdim256", .Sq = 40, .Sk = 70, .Hq = 1, .Hkv = 1, .D = 256});
     add({.name = "dv_ne_d", .D = 48, .Dv = 24});
     add({.name = "gqa", .B = 2, .Sq = 33, .Sk = 45, .Hq = 6, .Hkv = 2, .causal = true});
