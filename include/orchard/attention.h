@@ -94,4 +94,10 @@ struct Stats {
 Stats stats();
 void reset_stats();
 
+// For front ends that send a call to another implementation (e.g. PyTorch's SDPA for an
+// arbitrary attn_mask): counts it as a fallback and writes its call-log line, naming `op`, the
+// implementation used and why.
+void record_fallback(Direction direction, const std::string& op, const std::string& used,
+                     const std::string& reason);
+
 }  // namespace orchard

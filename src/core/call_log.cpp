@@ -44,6 +44,26 @@ std::string describe(Direction dir, const PreparedCall& call, int64_t n, const s
     return os.str();
 }
 
+// The per-direction call number of the call just counted (fallbacks included).
+int64_t call_number(const Stats& stats, int d) {
+    int64_t total = stats.fallbacks[d];
+    for (int64_t c : stats.calls[d]) total += c;
+    return total;
+}
+
+// Appends one line to the log file, when the log is on. Caller holds the mutex.
+void write_line(LogState& s, const std::string& line) {
+    const std::string path = log_file_path();
+    if (s.file == nullptr || path != s.file_path) {
+        if (s.file != nullptr) std::fclose(s.file);
+        s.file = std::fopen(path.c_str(), "a");
+        s.file_path = path;
+        if (s.file == nullptr) return;  // the log is best-effort; the call itself goes on
+    }
+    std::fprintf(s.file, "%s\n", line.c_str());
+    std::fflush(s.file);
+}
+
 }  // namespace
 
 std::string log_file_path() {
@@ -57,21 +77,21 @@ void log_call(Direction dir, const PreparedCall& call, const std::string& note) 
     std::lock_guard<std::mutex> lock(s.mutex);
     const int d = int(dir);
     ++s.stats.calls[d][int(call.params.backend)];
-    int64_t total = 0;  // the per-direction call number
-    for (int64_t c : s.stats.calls[d]) total += c;
-    if (note.rfind("fallback=", 0) == 0) ++s.stats.fallbacks[d];
     if (note.find("staging") != std::string::npos) ++s.stats.staging_copies[d];
+    if (log_enabled()) write_line(s, describe(dir, call, call_number(s.stats, d), note));
+}
+
+void record_fallback(Direction dir, const std::string& op, const std::string& used,
+                     const std::string& reason) {
+    LogState& s = state();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    const int d = int(dir);
+    ++s.stats.fallbacks[d];
     if (!log_enabled()) return;
-    const std::string path = log_file_path();
-    if (s.file == nullptr || path != s.file_path) {
-        if (s.file != nullptr) std::fclose(s.file);
-        s.file = std::fopen(path.c_str(), "a");
-        s.file_path = path;
-        if (s.file == nullptr) return;  // the log is best-effort; the call itself goes on
-    }
-    const std::string line = describe(dir, call, total, note);
-    std::fprintf(s.file, "%s\n", line.c_str());
-    std::fflush(s.file);
+    std::ostringstream os;
+    os << (dir == Direction::forward ? "FWD" : "BWD") << " call=" << call_number(s.stats, d)
+       << " backend=" << used << " op=" << op << " fallback=" << reason;
+    write_line(s, os.str());
 }
 
 Stats stats() {

@@ -25,15 +25,15 @@ int default_threads() {
 
 class Pool {
 public:
-    int threads() {
-        std::lock_guard<std::mutex> lock(job_mutex_);
-        return int(workers_.size()) + 1;
-    }
+    // Lock-free, so that callers can compare before resizing without waiting for a job.
+    int threads() const { return threads_.load(); }
 
     void resize(int n) {
         std::lock_guard<std::mutex> job(job_mutex_);
+        if (n == threads_.load() && int(workers_.size()) + 1 == n) return;
         stop_workers();
         for (int i = 1; i < n; ++i) workers_.emplace_back([this] { work(); });
+        threads_.store(n);
     }
 
     void run(int64_t n, TaskRef task) {
@@ -117,6 +117,7 @@ private:
     std::mutex mutex_;      // guards the fields below
     std::condition_variable wake_, done_;
     std::vector<std::thread> workers_;
+    std::atomic<int> threads_{1};
     TaskRef* task_ = nullptr;
     int64_t n_ = 0;
     std::atomic<int64_t> next_{0};

@@ -283,6 +283,8 @@ TEST(CallLog, OneLinePerCallWithSeparateCounters) {
     Inputs in = make_inputs(c, DType::bf16);
     run_case(c, in, DType::bf16, Backend::cpu);  // FWD + BWD
     run_case(c, in, DType::bf16, Backend::cpu);  // FWD + BWD
+    record_fallback(Direction::forward, "orchard.scaled_dot_product_attention", "torch-sdpa",
+                    "attn_mask");
     unsetenv("ORCHARD_DEBUG_FLASH_ATN");
     run_case(c, in, DType::bf16, Backend::cpu);  // counted, not logged
     unsetenv("ORCHARD_LOG_FILE");
@@ -290,12 +292,13 @@ TEST(CallLog, OneLinePerCallWithSeparateCounters) {
     const Stats s = stats();
     EXPECT_EQ(s.calls[int(Direction::forward)][int(Backend::cpu)], 3);
     EXPECT_EQ(s.calls[int(Direction::backward)][int(Backend::cpu)], 3);
-    EXPECT_EQ(s.fallbacks[0] + s.fallbacks[1], 0);
+    EXPECT_EQ(s.fallbacks[int(Direction::forward)], 1);
+    EXPECT_EQ(s.fallbacks[int(Direction::backward)], 0);
 
     std::ifstream f(path);
     std::vector<std::string> lines;
     for (std::string line; std::getline(f, line);) lines.push_back(line);
-    ASSERT_EQ(lines.size(), 4u);
+    ASSERT_EQ(lines.size(), 5u);
     const std::regex fwd("^FWD call=(\\d+) backend=cpu op=orchard::forward B=1 Sq=9 Sk=11 Hq=4 "
                          "Hkv=2 D=16 Dv=16 dtype=bfloat16 .*window=\\(-1,0\\).*fallback=none$");
     const std::regex bwd("^BWD call=(\\d+) backend=cpu op=orchard::backward .*");
@@ -308,6 +311,9 @@ TEST(CallLog, OneLinePerCallWithSeparateCounters) {
     ASSERT_TRUE(std::regex_match(lines[1], b1, bwd));
     ASSERT_TRUE(std::regex_match(lines[3], b3, bwd));
     EXPECT_EQ(std::stoll(b3[1]), std::stoll(b1[1]) + 1);
+    EXPECT_EQ(lines[4], "FWD call=" + std::to_string(std::stoll(m2[1]) + 1) +
+                            " backend=torch-sdpa op=orchard.scaled_dot_product_attention "
+                            "fallback=attn_mask");
 }
 
 }  // namespace

@@ -1,0 +1,236 @@
+// The PyTorch binding: Orchard's ops registered through the LibTorch stable ABI, so that one
+// build of this module loads in every PyTorch release >= its TORCH_TARGET_VERSION. The only file
+// that sees torch types; it turns tensors into TensorViews and orchard::Error into messages
+// that python/orchard maps to ValueError / NotImplementedError.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "orchard/attention.h"
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+// Errors cross into Python as RuntimeError; the tag lets the Python layer restore the kind.
+[[noreturn]] void raise(orchard::ErrorKind kind, const std::string& message) {
+    const char* tag = kind == orchard::ErrorKind::invalid_argument ? "[orchard:invalid_argument] "
+                      : kind == orchard::ErrorKind::unsupported    ? "[orchard:unsupported] "
+                                                                   : "[orchard:internal] ";
+    throw std::runtime_error(tag + message);
+}
+
+orchard::DType to_dtype(const std::string& op, const char* name, ScalarType t) {
+    switch (t) {
+        case ScalarType::Float: return orchard::DType::f32;
+        case ScalarType::Half: return orchard::DType::f16;
+        case ScalarType::BFloat16: return orchard::DType::bf16;
+        case ScalarType::Double: return orchard::DType::f64;
+        case ScalarType::Int: return orchard::DType::i32;
+        default:
+            raise(orchard::ErrorKind::invalid_argument,
+                  op + ": " + name + " has dtype " + torch::headeronly::toString(t) +
+                      ", which Orchard does not take (float32, float16, bfloat16, float64; int32 "
+                      "for cu_seqlens)");
+    }
+}
+
+orchard::Device to_device(const std::string& op, const char* name, const Tensor& t) {
+    const auto type = t.device().type();
+    if (type == torch::headeronly::DeviceType::CPU) return {orchard::DeviceKind::cpu, 0};
+    if (type == torch::headeronly::DeviceType::CUDA)
+        return {orchard::DeviceKind::cuda, t.get_device_index()};
+    if (type == torch::headeronly::DeviceType::MPS)
+        return {orchard::DeviceKind::metal, t.get_device_index()};
+    raise(orchard::ErrorKind::unsupported,
+          op + ": " + name + " is on a device Orchard has no backend for");
+}
+
+orchard::TensorView view_of(const std::string& op, const char* name, const Tensor& t) {
+    if (t.dim() > orchard::kMaxDims)
+        raise(orchard::ErrorKind::invalid_argument,
+              op + ": " + name + " has " + std::to_string(t.dim()) + " dimensions; at most " +
+                  std::to_string(orchard::kMaxDims) + " are supported");
+    orchard::TensorView v;
+    v.data = t.data_ptr();  // already includes the storage offset
+    v.dtype = to_dtype(op, name, t.scalar_type());
+    v.device = to_device(op, name, t);
+    v.ndim = int(t.dim());
+    for (int i = 0; i < v.ndim; ++i) {
+        v.shape[i] = t.size(i);
+        v.strides[i] = t.stride(i);
+    }
+    return v;
+}
+
+orchard::TensorView optional_view(const std::string& op, const char* name,
+                                  const std::optional<Tensor>& t) {
+    return t.has_value() ? view_of(op, name, *t) : orchard::TensorView{};
+}
+
+std::vector<int64_t> sizes_of(const Tensor& t) {
+    std::vector<int64_t> s(size_t(t.dim()));
+    for (int64_t i = 0; i < t.dim(); ++i) s[size_t(i)] = t.size(i);
+    return s;
+}
+
+// Options shared by fwd and bwd, in schema order.
+struct OptionArgs {
+    std::optional<Tensor> cu_seqlens_q, cu_seqlens_k;
+    int64_t max_seqlen_q, max_seqlen_k;
+    double dropout_p;
+    std::optional<double> softmax_scale;
+    bool causal;
+    int64_t window_left, window_right;
+    double softcap;
+    std::optional<Tensor> alibi_slopes;
+    Tensor rng_state;  // int64 (2,) on the CPU: Philox seed and offset
+};
+
+orchard::AttentionOptions options_of(const std::string& op, const OptionArgs& a) {
+    orchard::AttentionOptions o;
+    o.scale = a.softmax_scale;
+    o.causal = a.causal;
+    o.window_left = a.window_left;
+    o.window_right = a.window_right;
+    o.softcap = a.softcap;
+    o.alibi_slopes = optional_view(op, "alibi_slopes", a.alibi_slopes);
+    o.dropout_p = a.dropout_p;
+    o.cu_seqlens_q = optional_view(op, "cu_seqlens_q", a.cu_seqlens_q);
+    o.cu_seqlens_k = optional_view(op, "cu_seqlens_k", a.cu_seqlens_k);
+    o.max_seqlen_q = a.max_seqlen_q;
+    o.max_seqlen_k = a.max_seqlen_k;
+    if (a.dropout_p > 0) {
+        const Tensor& rng = a.rng_state;
+        if (!rng.is_cpu() || rng.scalar_type() != ScalarType::Long || rng.numel() != 2)
+            raise(orchard::ErrorKind::internal, op + ": rng_state must be a CPU int64 tensor (2,)");
+        const int64_t* s = static_cast<const int64_t*>(rng.data_ptr());
+        o.seed = uint64_t(s[0]);
+        o.offset = uint64_t(s[1]);
+    }
+    return o;
+}
+
+// Runs `f` with the core's thread count matched to PyTorch's intra-op threads (no
+// oversubscription) and orchard::Error turned into tagged messages.
+template <class F>
+auto guarded(F&& f) {
+    const int torch_threads = int(torch::stable::get_num_threads());
+    if (torch_threads > 0 && torch_threads != orchard::num_threads())
+        orchard::set_num_threads(torch_threads);
+    try {
+        return f();
+    } catch (const orchard::Error& e) {
+        raise(e.kind(), e.what());
+    }
+}
+
+std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, std::optional<Tensor> cu_seqlens_q,
+                               std::optional<Tensor> cu_seqlens_k, int64_t max_seqlen_q,
+                               int64_t max_seqlen_k, double dropout_p,
+                               std::optional<double> softmax_scale, bool causal,
+                               int64_t window_left, int64_t window_right, double softcap,
+                               std::optional<Tensor> alibi_slopes, Tensor rng_state,
+                               std::string op) {
+    return guarded([&] {
+        const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              dropout_p,    softmax_scale, causal,      window_left,
+                              window_right, softcap,       alibi_slopes, rng_state};
+        orchard::AttentionOptions o = options_of(op, args);
+        o.op_name = op.c_str();
+        const bool varlen = cu_seqlens_q.has_value();
+        std::vector<int64_t> out_shape = sizes_of(q);
+        if (!out_shape.empty()) out_shape.back() = v.dim() > 0 ? v.size(v.dim() - 1) : 0;
+        std::vector<int64_t> lse_shape;
+        if (varlen && q.dim() == 3) lse_shape = {q.size(1), q.size(0)};
+        if (!varlen && q.dim() == 4) lse_shape = {q.size(0), q.size(2), q.size(1)};
+        Tensor out = torch::stable::new_empty(q, out_shape);
+        Tensor lse = torch::stable::new_empty(q, lse_shape, ScalarType::Float);
+        orchard::forward({.q = view_of(op, "q", q), .k = view_of(op, "k", k),
+                          .v = view_of(op, "v", v), .out = view_of(op, "out", out),
+                          .lse = view_of(op, "lse", lse)},
+                         o);
+        return std::make_tuple(out, lse);
+    });
+}
+
+std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
+                                       Tensor lse, std::optional<Tensor> cu_seqlens_q,
+                                       std::optional<Tensor> cu_seqlens_k, int64_t max_seqlen_q,
+                                       int64_t max_seqlen_k, double dropout_p,
+                                       std::optional<double> softmax_scale, bool causal,
+                                       int64_t window_left, int64_t window_right, double softcap,
+                                       std::optional<Tensor> alibi_slopes, Tensor rng_state,
+                                       bool deterministic, std::string op) {
+    return guarded([&] {
+        const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              dropout_p,    softmax_scale, causal,      window_left,
+                              window_right, softcap,       alibi_slopes, rng_state};
+        orchard::AttentionOptions o = options_of(op, args);
+        o.op_name = op.c_str();
+        o.deterministic = deterministic;
+        Tensor dq = torch::stable::new_empty(q, sizes_of(q));
+        Tensor dk = torch::stable::new_empty(k, sizes_of(k));
+        Tensor dv = torch::stable::new_empty(v, sizes_of(v));
+        const orchard::BackwardArgs a{
+            .q = view_of(op, "q", q), .k = view_of(op, "k", k), .v = view_of(op, "v", v),
+            .out = view_of(op, "out", out), .dout = view_of(op, "dout", dout),
+            .lse = view_of(op, "lse", lse), .dq = view_of(op, "dq", dq),
+            .dk = view_of(op, "dk", dk), .dv = view_of(op, "dv", dv)};
+        const size_t ws_bytes = orchard::backward_workspace_size(a, o);
+        // Scratch from PyTorch's allocator on the tensors' device (64-byte aligned).
+        std::optional<Tensor> ws;
+        if (ws_bytes > 0)
+            ws = torch::stable::new_empty(q, {int64_t((ws_bytes + 7) / 8)}, ScalarType::Long);
+        orchard::backward(a, o, {ws ? ws->data_ptr() : nullptr, ws ? ws_bytes : 0});
+        return std::make_tuple(dq, dk, dv);
+    });
+}
+
+// Call counters: int64 (2, 5) [direction][backend], then fallbacks and staging copies (2,) each.
+Tensor stats() {
+    const orchard::Stats s = orchard::stats();
+    Tensor t = torch::stable::empty({14}, ScalarType::Long);
+    auto* p = static_cast<int64_t*>(t.data_ptr());
+    for (int d = 0; d < 2; ++d)
+        for (int b = 0; b < 5; ++b) p[d * 5 + b] = s.calls[d][b];
+    p[10] = s.fallbacks[0];
+    p[11] = s.fallbacks[1];
+    p[12] = s.staging_copies[0];
+    p[13] = s.staging_copies[1];
+    return t;
+}
+
+void reset_stats() { orchard::reset_stats(); }
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(orchard, m) {
+    m.def("fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+          "int max_seqlen_q, int max_seqlen_k, float dropout_p, float? softmax_scale, "
+          "bool causal, int window_left, int window_right, float softcap, "
+          "Tensor? alibi_slopes, Tensor rng_state, str op) -> (Tensor, Tensor)");
+    m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+          "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+          "float dropout_p, float? softmax_scale, bool causal, int window_left, "
+          "int window_right, float softcap, Tensor? alibi_slopes, Tensor rng_state, "
+          "bool deterministic, str op) -> (Tensor, Tensor, Tensor)");
+    m.def("stats() -> Tensor");
+    m.def("reset_stats() -> ()");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) {
+    m.impl("fwd", TORCH_BOX(&fwd));
+    m.impl("bwd", TORCH_BOX(&bwd));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(orchard, CompositeExplicitAutograd, m) {
+    m.impl("stats", TORCH_BOX(&stats));
+    m.impl("reset_stats", TORCH_BOX(&reset_stats));
+}
