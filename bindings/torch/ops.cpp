@@ -137,13 +137,14 @@ std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, std::optional<Tenso
                                std::optional<double> softmax_scale, bool causal,
                                int64_t window_left, int64_t window_right, double softcap,
                                std::optional<Tensor> alibi_slopes, Tensor rng_state,
-                               std::string op) {
+                               bool deterministic, std::string op) {
     return guarded([&] {
         const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               dropout_p,    softmax_scale, causal,      window_left,
                               window_right, softcap,       alibi_slopes, rng_state};
         orchard::AttentionOptions o = options_of(op, args);
         o.op_name = op.c_str();
+        o.deterministic = deterministic;
         const bool varlen = cu_seqlens_q.has_value();
         std::vector<int64_t> out_shape = sizes_of(q);
         if (!out_shape.empty()) out_shape.back() = v.dim() > 0 ? v.size(v.dim() - 1) : 0;
@@ -209,13 +210,18 @@ Tensor stats() {
 
 void reset_stats() { orchard::reset_stats(); }
 
+void note_fallback(std::string op, bool backward, std::string used, std::string reason) {
+    orchard::record_fallback(backward ? orchard::Direction::backward : orchard::Direction::forward,
+                             op, used, reason);
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(orchard, m) {
     m.def("fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
           "int max_seqlen_q, int max_seqlen_k, float dropout_p, float? softmax_scale, "
           "bool causal, int window_left, int window_right, float softcap, "
-          "Tensor? alibi_slopes, Tensor rng_state, str op) -> (Tensor, Tensor)");
+          "Tensor? alibi_slopes, Tensor rng_state, bool deterministic, str op) -> (Tensor, Tensor)");
     m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
           "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
           "float dropout_p, float? softmax_scale, bool causal, int window_left, "
@@ -223,6 +229,7 @@ STABLE_TORCH_LIBRARY(orchard, m) {
           "bool deterministic, str op) -> (Tensor, Tensor, Tensor)");
     m.def("stats() -> Tensor");
     m.def("reset_stats() -> ()");
+    m.def("note_fallback(str op, bool backward, str used, str reason) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) {
@@ -233,4 +240,5 @@ STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) {
 STABLE_TORCH_LIBRARY_IMPL(orchard, CompositeExplicitAutograd, m) {
     m.impl("stats", TORCH_BOX(&stats));
     m.impl("reset_stats", TORCH_BOX(&reset_stats));
+    m.impl("note_fallback", TORCH_BOX(&note_fallback));
 }
