@@ -1,0 +1,136 @@
+"""Loads the compiled ops and registers their fake (meta) and autograd implementations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+_LIB = Path(__file__).with_name("_orchard_ops.so")
+if not _LIB.exists():
+    raise ImportError(f"orchard: the compiled ops {_LIB} are missing; reinstall with `pip install .`")
+torch.ops.load_library(str(_LIB))
+ops = torch.ops.orchard
+
+_TAGS = {
+    "[orchard:invalid_argument] ": ValueError,
+    "[orchard:unsupported] ": NotImplementedError,
+    "[orchard:internal] ": RuntimeError,
+}
+
+
+def translate_error(error: RuntimeError) -> Exception:
+    """Maps a tagged RuntimeError from the C++ core to ValueError / NotImplementedError."""
+    message = str(error)
+    for tag, kind in _TAGS.items():
+        at = message.find(tag)
+        if at >= 0:
+            return kind(message[at + len(tag):].split("\n")[0])
+    return error
+
+
+def call(op, *args):
+    """Runs a compiled op, raising Orchard's errors as the matching Python exceptions."""
+    try:
+        return op(*args)
+    except RuntimeError as e:
+        raise translate_error(e) from None
+
+
+def rng_state(dropout_p: float) -> torch.Tensor:
+    """Philox (seed, offset) for one call, drawn from PyTorch's default CPU generator so that
+    torch.manual_seed makes runs reproducible. Without dropout it is unused (zeros)."""
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        return torch.cat([seed, torch.zeros(1, dtype=torch.int64)])
+    return torch.zeros(2, dtype=torch.int64)
+
+
+# ---- fwd -----------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("orchard::fwd")
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+              softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, rng,
+              deterministic, op):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+_OPTION_NAMES = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
+                 "softmax_scale", "causal", "window_left", "window_right", "softcap",
+                 "alibi_slopes", "rng", "deterministic", "op")
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, *options = inputs
+    out, lse = output
+    opts = dict(zip(_OPTION_NAMES, options))
+    ctx.save_for_backward(q, k, v, out, lse, opts.pop("cu_seqlens_q"), opts.pop("cu_seqlens_k"),
+                          opts.pop("alibi_slopes"), opts.pop("rng"))
+    ctx.options = opts
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi, rng = ctx.saved_tensors
+    o = ctx.options
+    needs = ctx.needs_input_grad[:3]
+    if not any(needs):
+        return (None,) * 17
+    dq, dk, dv = call(ops.bwd, dout, q, k, v, out, lse, cu_q, cu_k, o["max_seqlen_q"],
+                      o["max_seqlen_k"], o["dropout_p"], o["softmax_scale"], o["causal"],
+                      o["window_left"], o["window_right"], o["softcap"], alibi, rng,
+                      o["deterministic"], o["op"])
+    grads = [g if need else None for g, need in zip((dq, dk, dv), needs)]
+    return (*grads,) + (None,) * 14
+
+
+torch.library.register_autograd("orchard::fwd", _fwd_backward, setup_context=_fwd_setup)
+
+
+@torch.library.register_fake("orchard::bwd")
+def _bwd_fake(dout, q, k, v, out, lse, *options):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# ---- counters and fallbacks -----------------------------------------------------------------
+
+_BACKENDS = ("automatic", "cpu", "cuda", "metal", "reference")
+_strict = os.environ.get("ORCHARD_STRICT", "0") not in ("", "0")
+
+
+class FallbackError(RuntimeError):
+    """Raised in strict mode when a call would go to another implementation."""
+
+
+def set_strict(strict: bool) -> None:
+    """In strict mode a call Orchard cannot run raises FallbackError instead of falling back."""
+    global _strict
+    _strict = bool(strict)
+
+
+def note_fallback(op: str, used: str, reason: str, backward: bool = False) -> None:
+    """Counts and logs a call sent to another implementation; raises in strict mode."""
+    if _strict:
+        raise FallbackError(f"{op}: would fall back to {used} ({reason}) but strict mode is on")
+    ops.note_fallback(op, backward, used, reason)
+
+
+def stats() -> dict:
+    """Call counts per direction and backend, and fallbacks, since start or reset_stats()."""
+    c = ops.stats().tolist()
+    per = {d: {b: c[i * 5 + j] for j, b in enumerate(_BACKENDS) if b != "automatic"}
+           for i, d in enumerate(("forward", "backward"))}
+    per["fallbacks"] = {"forward": c[10], "backward": c[11]}
+    per["staging_copies"] = {"forward": c[12], "backward": c[13]}
+    return per
+
+
+def reset_stats() -> None:
+    ops.reset_stats()
