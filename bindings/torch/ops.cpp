@@ -168,7 +168,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v
                                        std::optional<double> softmax_scale, bool causal,
                                        int64_t window_left, int64_t window_right, double softcap,
                                        std::optional<Tensor> alibi_slopes, Tensor rng_state,
-                                       bool deterministic, std::string op) {
+                                       bool deterministic, bool need_dq, bool need_dk,
+                                       bool need_dv, std::string op) {
     return guarded([&] {
         const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               dropout_p,    softmax_scale, causal,      window_left,
@@ -176,14 +177,19 @@ std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v
         orchard::AttentionOptions o = options_of(op, args);
         o.op_name = op.c_str();
         o.deterministic = deterministic;
-        Tensor dq = torch::stable::new_empty(q, sizes_of(q));
-        Tensor dk = torch::stable::new_empty(k, sizes_of(k));
-        Tensor dv = torch::stable::new_empty(v, sizes_of(v));
+        // A gradient not asked for is returned as an empty (0,) tensor and not computed.
+        auto grad_like = [&](const Tensor& x, bool needed) {
+            return torch::stable::new_empty(x, needed ? sizes_of(x) : std::vector<int64_t>{0});
+        };
+        Tensor dq = grad_like(q, need_dq), dk = grad_like(k, need_dk), dv = grad_like(v, need_dv);
+        auto grad_view = [&](const char* name, const Tensor& g, bool needed) {
+            return needed ? view_of(op, name, g) : orchard::TensorView{};
+        };
         const orchard::BackwardArgs a{
             .q = view_of(op, "q", q), .k = view_of(op, "k", k), .v = view_of(op, "v", v),
             .out = view_of(op, "out", out), .dout = view_of(op, "dout", dout),
-            .lse = view_of(op, "lse", lse), .dq = view_of(op, "dq", dq),
-            .dk = view_of(op, "dk", dk), .dv = view_of(op, "dv", dv)};
+            .lse = view_of(op, "lse", lse), .dq = grad_view("dq", dq, need_dq),
+            .dk = grad_view("dk", dk, need_dk), .dv = grad_view("dv", dv, need_dv)};
         const size_t ws_bytes = orchard::backward_workspace_size(a, o);
         // Scratch from PyTorch's allocator on the tensors' device (64-byte aligned).
         std::optional<Tensor> ws;
@@ -226,7 +232,8 @@ STABLE_TORCH_LIBRARY(orchard, m) {
           "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
           "float dropout_p, float? softmax_scale, bool causal, int window_left, "
           "int window_right, float softcap, Tensor? alibi_slopes, Tensor rng_state, "
-          "bool deterministic, str op) -> (Tensor, Tensor, Tensor)");
+          "bool deterministic, bool need_dq, bool need_dk, bool need_dv, str op) "
+          "-> (Tensor, Tensor, Tensor)");
     m.def("stats() -> Tensor");
     m.def("reset_stats() -> ()");
     m.def("note_fallback(str op, bool backward, str used, str reason) -> ()");

@@ -51,7 +51,9 @@ struct ForwardArgs {
 
 struct BackwardArgs {
     TensorView q, k, v, out, dout, lse;  // out and lse as returned by forward (or merged)
-    TensorView dq, dk, dv;               // written (overwritten, not accumulated)
+    // Written (overwritten, not accumulated). A gradient left as an empty view is not computed;
+    // at least one must be given.
+    TensorView dq, dk, dv;
 };
 
 // Caller-provided scratch memory on the tensors' device. A backend that needs scratch and gets

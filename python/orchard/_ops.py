@@ -83,12 +83,12 @@ def _fwd_backward(ctx, dout, _dlse):
     needs = ctx.needs_input_grad[:3]
     if not any(needs):
         return (None,) * 17
-    dq, dk, dv = call(ops.bwd, dout, q, k, v, out, lse, cu_q, cu_k, o["max_seqlen_q"],
-                      o["max_seqlen_k"], o["dropout_p"], o["softmax_scale"], o["causal"],
-                      o["window_left"], o["window_right"], o["softcap"], alibi, rng,
-                      o["deterministic"], o["op"])
-    grads = [g if need else None for g, need in zip((dq, dk, dv), needs)]
-    return (*grads,) + (None,) * 14
+    # Only the gradients autograd asks for are computed.
+    grads = call(ops.bwd, dout, q, k, v, out, lse, cu_q, cu_k, o["max_seqlen_q"],
+                 o["max_seqlen_k"], o["dropout_p"], o["softmax_scale"], o["causal"],
+                 o["window_left"], o["window_right"], o["softcap"], alibi, rng,
+                 o["deterministic"], *needs, o["op"])
+    return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * 14
 
 
 torch.library.register_autograd("orchard::fwd", _fwd_backward, setup_context=_fwd_setup)
@@ -96,7 +96,9 @@ torch.library.register_autograd("orchard::fwd", _fwd_backward, setup_context=_fw
 
 @torch.library.register_fake("orchard::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, *options):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    need_dq, need_dk, need_dv = options[-4:-1]
+    return tuple(x.new_empty(x.shape if need else (0,))
+                 for x, need in ((q, need_dq), (k, need_dk), (v, need_dv)))
 
 
 # ---- counters and fallbacks -----------------------------------------------------------------

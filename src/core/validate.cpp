@@ -335,33 +335,44 @@ PreparedCall prepare_backward(const BackwardArgs& a, const AttentionOptions& o, 
     PreparedCall call = prepare_common(op, a.q, a.k, a.v, a.out, a.lse, o);
     AttentionParams& p = call.params;
     const bool varlen = p.is_varlen();
-    for (const Named& t : {Named{"dout", &a.dout}, Named{"dq", &a.dq}, Named{"dk", &a.dk},
-                           Named{"dv", &a.dv}}) {
+    // Gradients not asked for are empty views: they are neither computed nor written.
+    std::vector<Named> grads;
+    for (const Named& t : {Named{"dq", &a.dq}, Named{"dk", &a.dk}, Named{"dv", &a.dv}})
+        if (!t.view->empty_view()) grads.push_back(t);
+    if (grads.empty()) invalid(op, "dq, dk and dv are all missing; at least one must be given");
+    for (const Named& t : {Named{"dout", &a.dout}}) {
         check_view(op, t, p.device);
         check_dtype(op, t, p.dtype, "q has");
     }
-    check_shape(op, {"dout", &a.dout}, std::vector<int64_t>(a.out.shape, a.out.shape + a.out.ndim),
+    for (const Named& t : grads) {
+        check_view(op, t, p.device);
+        check_dtype(op, t, p.dtype, "q has");
+    }
+    auto shape_of = [](const TensorView& v) {
+        return std::vector<int64_t>(v.shape, v.shape + v.ndim);
+    };
+    check_shape(op, {"dout", &a.dout}, shape_of(a.out),
                 varlen ? "the shape of out (total_q, Hq, Dv)" : "the shape of out (B, Sq, Hq, Dv)");
-    check_shape(op, {"dq", &a.dq}, std::vector<int64_t>(a.q.shape, a.q.shape + a.q.ndim),
-                "the shape of q");
-    check_shape(op, {"dk", &a.dk}, std::vector<int64_t>(a.k.shape, a.k.shape + a.k.ndim),
-                "the shape of k");
-    check_shape(op, {"dv", &a.dv}, std::vector<int64_t>(a.v.shape, a.v.shape + a.v.ndim),
-                "the shape of v");
-    const std::vector<Named> all = {{"q", &a.q}, {"k", &a.k}, {"v", &a.v}, {"out", &a.out},
-                                    {"dout", &a.dout}, {"lse", &a.lse}, {"dq", &a.dq},
-                                    {"dk", &a.dk}, {"dv", &a.dv}, {"alibi_slopes", &o.alibi_slopes},
-                                    {"cu_seqlens_q", &o.cu_seqlens_q}, {"cu_seqlens_k", &o.cu_seqlens_k}};
-    for (const Named& t : {Named{"dq", &a.dq}, Named{"dk", &a.dk}, Named{"dv", &a.dv}})
-        check_writable(op, t, all);
+    if (!a.dq.empty_view()) check_shape(op, {"dq", &a.dq}, shape_of(a.q), "the shape of q");
+    if (!a.dk.empty_view()) check_shape(op, {"dk", &a.dk}, shape_of(a.k), "the shape of k");
+    if (!a.dv.empty_view()) check_shape(op, {"dv", &a.dv}, shape_of(a.v), "the shape of v");
+    std::vector<Named> all = {{"q", &a.q}, {"k", &a.k}, {"v", &a.v}, {"out", &a.out},
+                              {"dout", &a.dout}, {"lse", &a.lse},
+                              {"alibi_slopes", &o.alibi_slopes},
+                              {"cu_seqlens_q", &o.cu_seqlens_q}, {"cu_seqlens_k", &o.cu_seqlens_k}};
+    all.insert(all.end(), grads.begin(), grads.end());
+    for (const Named& t : grads) check_writable(op, t, all);
+    auto out_ptr = [&](const TensorView& v) {
+        return v.empty_view() ? nullptr : const_cast<void*>(ptr(v));
+    };
     p.dout = ptr(a.dout);
-    p.dq = const_cast<void*>(ptr(a.dq));
-    p.dk = const_cast<void*>(ptr(a.dk));
-    p.dv = const_cast<void*>(ptr(a.dv));
+    p.dq = out_ptr(a.dq);
+    p.dk = out_ptr(a.dk);
+    p.dv = out_ptr(a.dv);
     p.dout_st = bshd(a.dout, varlen);
-    p.dq_st = bshd(a.dq, varlen);
-    p.dk_st = bshd(a.dk, varlen);
-    p.dv_st = bshd(a.dv, varlen);
+    if (p.dq) p.dq_st = bshd(a.dq, varlen);
+    if (p.dk) p.dk_st = bshd(a.dk, varlen);
+    if (p.dv) p.dv_st = bshd(a.dv, varlen);
     p.workspace = ws.data;
     p.workspace_bytes = ws.bytes;
     check_supported(call, Direction::backward);
@@ -373,7 +384,8 @@ PreparedCall prepare_backward(const BackwardArgs& a, const AttentionOptions& o, 
     // Gradients of an empty problem are still defined: dk / dv are zero when no query exists
     // (Sq = 0, or Hq = 0 with Hkv > 0), dq is zero when no key exists. Only when there is no
     // gradient element to write is there nothing to do.
-    call.nothing_to_do = a.dq.numel() == 0 && a.dk.numel() == 0 && a.dv.numel() == 0;
+    call.nothing_to_do = true;
+    for (const Named& t : grads) call.nothing_to_do = call.nothing_to_do && t.view->numel() == 0;
     return call;
 }
 

@@ -151,8 +151,9 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
             gemm<false>(rows, ldk, p.Dv, dout.get(), ldv, 1, vt.get(), ldk, w.dp.get(), ldk);
             const A* pd = probs_and_ds<Orient::q_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldk);
             // dV (cols, Dv) += Pd^T (cols, rows) dout (rows, Dv); dK += dS^T q.
-            gemm<true>(cols, ldv, rows, pd, 1, ldk, dout.get(), ldv, dv.get(), ldv);
-            gemm<true>(cols, ldd, rows, w.dp.get(), 1, ldk, q.get(), ldd, dk.get(), ldd);
+            if (p.dv) gemm<true>(cols, ldv, rows, pd, 1, ldk, dout.get(), ldv, dv.get(), ldv);
+            if (p.dk)
+                gemm<true>(cols, ldd, rows, w.dp.get(), 1, ldk, q.get(), ldd, dk.get(), ldd);
             // dQ (rows, D) += dS (rows, cols) k (cols, D): the same sums, in the same key order,
             // as the dQ pass computes.
             if (dq_acc)
@@ -160,10 +161,12 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
                            dq_acc + ((h - hk * group) * sq + i0) * ldd, ldd);
         }
     }
-    store_rows(at<T>(p.dk, p.dk_st, b, fk, j0, hk), p.dk_st.s, p.dk_st.d, dk.get(), ldd, cols,
-               p.D, A(p.scale));
-    store_rows(at<T>(p.dv, p.dv_st, b, fk, j0, hk), p.dv_st.s, p.dv_st.d, dv.get(), ldv, cols,
-               p.Dv, A(1));
+    if (p.dk)
+        store_rows(at<T>(p.dk, p.dk_st, b, fk, j0, hk), p.dk_st.s, p.dk_st.d, dk.get(), ldd,
+                   cols, p.D, A(p.scale));
+    if (p.dv)
+        store_rows(at<T>(p.dv, p.dv_st, b, fk, j0, hk), p.dv_st.s, p.dv_st.d, dv.get(), ldv,
+                   cols, p.Dv, A(1));
 }
 
 // dQ of query rows [i0, i0 + bq) of head (b, h), over its visible key blocks. Scores are held as
@@ -240,7 +243,8 @@ void bwd_typed(const AttentionParams& p) {
     const int64_t nk = ceil_div(p.Sk, ts.block_k), kv_heads = p.B * p.Hkv;
     const int64_t group = p.Hq / p.Hkv, ldd = round_up(p.D, lanes<A>());
     const int64_t dq_bytes = group * p.Sq * ldd * int64_t(sizeof(A));
-    if (fuse_dq(kv_heads, pool_threads(), dq_bytes, p.is_varlen())) {
+    const bool need_dq = p.dq != nullptr, need_dkdv = p.dk != nullptr || p.dv != nullptr;
+    if (need_dq && need_dkdv && fuse_dq(kv_heads, pool_threads(), dq_bytes, p.is_varlen())) {
         // One task per (batch, kv head): all its key blocks in order, dQ in a private buffer.
         auto fused = [&](int64_t bh) {
             const int64_t b = bh / p.Hkv, hk = bh % p.Hkv, sq = p.seqlen_q(b);
@@ -257,20 +261,20 @@ void bwd_typed(const AttentionParams& p) {
         return;
     }
 
-    // Two passes. Under causal masks the first key blocks and the last query blocks have the
+    // Two passes (each skipped when its gradients are not asked for). Under causal masks the first key blocks and the last query blocks have the
     // most work: they are handed out first.
     auto dkdv = [&](int64_t t) {
         const int64_t nb = t / kv_heads, bh = t % kv_heads;
         dkdv_task<T>(p, ts, dsum, bh / p.Hkv, bh % p.Hkv, nb, static_cast<A*>(nullptr));
     };
-    parallel_for(nk * kv_heads, dkdv);
+    if (need_dkdv) parallel_for(nk * kv_heads, dkdv);
 
     const int64_t nq = ceil_div(p.Sq, ts.block_q), heads = p.B * p.Hq;
     auto dq = [&](int64_t t) {
         const int64_t mb = nq - 1 - t / heads, bh = t % heads;
         dq_task<T>(p, ts, dsum, bh / p.Hq, bh % p.Hq, mb);
     };
-    parallel_for(nq * heads, dq);
+    if (need_dq) parallel_for(nq * heads, dq);
 }
 
 void attention_bwd_target(const AttentionParams& p) {

@@ -117,15 +117,21 @@ void reference_bwd_kv_head(const AttentionParams& p, int64_t b, int64_t hk) {
                     dk[j * p.D + d] += ds * ld(p.q, p.q_st, b, fq, i, h, d);
                 }
             }
-            T* dqi = at<T>(p.dq, p.dq_st, b, fq, i, h);
-            for (int64_t d = 0; d < p.D; ++d) dqi[d * p.dq_st.d] = store_as<T>(dq[d]);
+            if (p.dq) {
+                T* dqi = at<T>(p.dq, p.dq_st, b, fq, i, h);
+                for (int64_t d = 0; d < p.D; ++d) dqi[d * p.dq_st.d] = store_as<T>(dq[d]);
+            }
         }
     }
     for (int64_t j = 0; j < sk; ++j) {
-        T* dkj = at<T>(p.dk, p.dk_st, b, fk, j, hk);
-        T* dvj = at<T>(p.dv, p.dv_st, b, fk, j, hk);
-        for (int64_t d = 0; d < p.D; ++d) dkj[d * p.dk_st.d] = store_as<T>(dk[j * p.D + d]);
-        for (int64_t d = 0; d < p.Dv; ++d) dvj[d * p.dv_st.d] = store_as<T>(dv[j * p.Dv + d]);
+        if (p.dk) {
+            T* dkj = at<T>(p.dk, p.dk_st, b, fk, j, hk);
+            for (int64_t d = 0; d < p.D; ++d) dkj[d * p.dk_st.d] = store_as<T>(dk[j * p.D + d]);
+        }
+        if (p.dv) {
+            T* dvj = at<T>(p.dv, p.dv_st, b, fk, j, hk);
+            for (int64_t d = 0; d < p.Dv; ++d) dvj[d * p.dv_st.d] = store_as<T>(dv[j * p.Dv + d]);
+        }
     }
 }
 

@@ -209,6 +209,31 @@ TEST(TileSize, FusedBackwardOnlyWhenTasksSpreadEvenly) {
     EXPECT_TRUE(cpu::fuse_dq(16, 2, 1 << 20, true));
 }
 
+// Gradients left out are not computed; the others are bitwise those of a full backward.
+TEST(Backward, ComputesOnlyTheGradientsAskedFor) {
+    const Case c = fused_vs_two_pass_case();
+    Inputs in = make_inputs(c, DType::f32);
+    const Result full = run_case(c, in, DType::f32, Backend::cpu);
+    Tensor out(in.dout.shape(), DType::f32), lse({c.B, c.Hq, c.Sq}, DType::f32);
+    const AttentionOptions o = options_for(c, in, Backend::cpu);
+    forward({in.q.view(), in.k.view(), in.v.view(), out.view(), lse.view()}, o);
+    for (int mask = 1; mask < 8; ++mask) {
+        Tensor dq(in.q.shape(), DType::f32), dk(in.k.shape(), DType::f32),
+            dv(in.v.shape(), DType::f32);
+        for (Tensor* t : {&dq, &dk, &dv}) t->fill(-7);
+        backward({.q = in.q.view(), .k = in.k.view(), .v = in.v.view(), .out = out.view(),
+                  .dout = in.dout.view(), .lse = lse.view(),
+                  .dq = mask & 1 ? dq.view() : TensorView{},
+                  .dk = mask & 2 ? dk.view() : TensorView{},
+                  .dv = mask & 4 ? dv.view() : TensorView{}},
+                 o);
+        const std::vector<double> untouched(size_t(dq.numel()), -7.0);
+        EXPECT_EQ(dq.values(), mask & 1 ? full.dq : untouched) << mask;
+        EXPECT_EQ(dk.values(), mask & 2 ? full.dk : std::vector<double>(size_t(dk.numel()), -7.0));
+        EXPECT_EQ(dv.values(), mask & 4 ? full.dv : std::vector<double>(size_t(dv.numel()), -7.0));
+    }
+}
+
 TEST(Concurrency, CallsFromManyThreadsMatchSerialResults) {
     const Case c = determinism_case();
     Inputs in = make_inputs(c, DType::bf16);
