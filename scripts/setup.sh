@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Installs the system packages Orchard's build and tests need (Debian / Ubuntu), if missing.
+# Installs what Orchard needs (Debian / Ubuntu packages, Python packages from PyPI) and the
+# orchard Python package itself, built from this checkout. Safe to run again: it skips what is
+# already there (pip's cache serves PyTorch's wheels after the first run).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 packages=(cmake ninja-build g++ pkg-config libhwy-dev libgtest-dev libbenchmark-dev)
 missing=()
@@ -14,3 +17,9 @@ if ((${#missing[@]})); then
     "${sudo_cmd[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+python=${PYTHON:-python3}
+"$python" -m pip install -q --disable-pip-version-check "torch>=2.10" scikit-build-core \
+    pytest hypothesis transformers matplotlib tqdm
+# --no-build-isolation: build against the torch installed above instead of a second copy.
+"$python" -m pip install -q --disable-pip-version-check --no-build-isolation .

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up, builds and runs Orchard's test suite: a Release build, then the same tests under
-# AddressSanitizer + UndefinedBehaviorSanitizer. Exits non-zero on any failure.
+# Sets up, builds and runs Orchard's tests: the C++ suite (Release, then AddressSanitizer +
+# UndefinedBehaviorSanitizer) and the Python suite. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,7 +14,9 @@ run_suite() {  # $1 = build dir, remaining args = extra CMake options
     ctest --test-dir "$dir" --output-on-failure -j "$jobs"
 }
 
-echo "== Release build"
+echo "== C++ tests, Release build"
 run_suite build -DCMAKE_BUILD_TYPE=Release
-echo "== AddressSanitizer + UndefinedBehaviorSanitizer build"
+echo "== C++ tests, AddressSanitizer + UndefinedBehaviorSanitizer build"
 run_suite build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DORCHARD_SANITIZE=address,undefined
+echo "== Python tests"
+"${PYTHON:-python3}" -m pytest tests/python -q
