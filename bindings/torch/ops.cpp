@@ -26,6 +26,20 @@ using torch::stable::Tensor;
     throw std::runtime_error(tag + message);
 }
 
+// PyTorch's user-facing name of a dtype ("int64", not the C++ enum's "Long").
+std::string dtype_name(ScalarType t) {
+    switch (t) {
+        case ScalarType::Long: return "int64";
+        case ScalarType::Short: return "int16";
+        case ScalarType::Char: return "int8";
+        case ScalarType::Byte: return "uint8";
+        case ScalarType::Bool: return "bool";
+        case ScalarType::ComplexFloat: return "complex64";
+        case ScalarType::ComplexDouble: return "complex128";
+        default: return torch::headeronly::toString(t);
+    }
+}
+
 orchard::DType to_dtype(const std::string& op, const char* name, ScalarType t) {
     switch (t) {
         case ScalarType::Float: return orchard::DType::f32;
@@ -35,7 +49,7 @@ orchard::DType to_dtype(const std::string& op, const char* name, ScalarType t) {
         case ScalarType::Int: return orchard::DType::i32;
         default:
             raise(orchard::ErrorKind::invalid_argument,
-                  op + ": " + name + " has dtype " + torch::headeronly::toString(t) +
+                  op + ": " + name + " has dtype " + dtype_name(t) +
                       ", which Orchard does not take (float32, float16, bfloat16, float64; int32 "
                       "for cu_seqlens)");
     }

@@ -50,10 +50,21 @@ def rng_state(dropout_p: float) -> torch.Tensor:
 # ---- fwd -----------------------------------------------------------------------------------
 
 
+def _check_devices(op: str, q, **tensors) -> None:
+    """The fake kernels also run for real inputs mixed with meta tensors (the dispatcher picks
+    Meta); refuse that as the compiled kernel refuses mixed devices, rather than returning
+    uninitialized memory."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+
+
 @torch.library.register_fake("orchard::fwd")
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
               softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, rng,
               deterministic, op):
+    _check_devices(op, q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                   alibi_slopes=alibi_slopes)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -95,8 +106,12 @@ torch.library.register_autograd("orchard::fwd", _fwd_backward, setup_context=_fw
 
 
 @torch.library.register_fake("orchard::bwd")
-def _bwd_fake(dout, q, k, v, out, lse, *options):
-    need_dq, need_dk, need_dv = options[-4:-1]
+def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              dropout_p, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+              rng, deterministic, need_dq, need_dk, need_dv, op):
+    _check_devices(op, q, dout=dout, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q,
+                   cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
+    # A gradient not asked for comes back as an empty (0,) tensor.
     return tuple(x.new_empty(x.shape if need else (0,))
                  for x, need in ((q, need_dq), (k, need_dk), (v, need_dv)))
 

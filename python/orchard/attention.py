@@ -7,12 +7,13 @@ import torch
 from orchard import _ops
 
 
-def _window(window_size) -> tuple[int, int]:
+def _window(op: str, window_size) -> tuple[int, int]:
     try:
         left, right = window_size
         return int(left), int(right)
     except (TypeError, ValueError):
-        raise ValueError(f"window_size must be a pair (left, right) but is {window_size!r}") from None
+        raise ValueError(f"{op}: window_size must be a pair (left, right) but is "
+                         f"{window_size!r}") from None
 
 
 def _attention(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
@@ -21,7 +22,7 @@ def _attention(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor but is {type(t).__name__}")
-    left, right = _window(window_size)
+    left, right = _window(op, window_size)
     dropout_p = float(dropout_p)
     scale = None if softmax_scale is None else float(softmax_scale)
     out, lse = _ops.call(_ops.ops.fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
