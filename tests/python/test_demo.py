@@ -1,0 +1,56 @@
+"""`python -m orchard demo` end to end at tiny sizes: exit status, PNG, JSON, checked counters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+TINY = ["--steps", "5", "--seq-len", "32", "--batch-size", "4", "--layers", "2", "--dim", "32",
+        "--heads", "4", "--kv-heads", "2", "--compare-steps", "3", "--min-drop", "0", "--quiet"]
+
+
+def run_demo(tmp_path, *extra):
+    """Runs the demo in a subprocess; returns (completed process, summary dict)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "orchard", "demo", *TINY, "--out", str(out),
+                           *extra], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "loss.png").stat().st_size > 1000
+    return proc, json.loads((out / "summary.json").read_text())
+
+
+def test_demo_default_corpus(tmp_path):
+    proc, summary = run_demo(tmp_path)
+    counters = summary["counters"]
+    assert counters["checked"] and counters["backend"] == "cpu"
+    assert counters["forward"] == counters["backward"] == counters["expected"] == 2 * 5
+    assert counters["fallbacks"] == {"forward": 0, "backward": 0}
+    assert "orchard.stats() on 'cpu': forward +10, backward +10" in proc.stdout
+    assert summary["gradient_check"]["orchard_vs_sdpa_same_dtype"]["all_params"] < 1e-4
+    assert summary["loss"]["max_abs_diff_orchard_vs_sdpa"] < 1e-3
+    assert len(summary["train_losses"]) == 5 and len(summary["sdpa_losses"]) == 3
+    assert summary["loss"]["orchard_rerun_bitwise_identical"] is True
+    assert set(summary["tokens_per_s"]) == {"orchard_run", "orchard", "sdpa"}
+
+
+def test_demo_file_window_and_failure(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    _, summary = run_demo(tmp_path, "--data", str(corpus), "--window", "8")
+    assert summary["data"] == str(corpus) and summary["args"]["window"] == 8
+    # An impossible loss target must fail loudly with a non-zero exit status.
+    bad = subprocess.run([sys.executable, "-m", "orchard", "demo", *TINY, "--min-drop", "0.99",
+                          "--data", str(corpus), "--out", str(tmp_path / "bad")],
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "FAILED: the loss did not fall" in bad.stdout
+
+
+def test_demo_fails_loudly_on_wrong_gradients(tmp_path, monkeypatch, capsys):
+    import orchard
+    from orchard.__main__ import main
+
+    real = orchard.flash_attn_func
+    monkeypatch.setattr(orchard, "flash_attn_func", lambda *a, **kw: real(*a, **kw) * 1.01)
+    assert main(["demo", *TINY, "--threads", "0", "--out", str(tmp_path)]) == 1
+    assert "FAILED: Orchard's gradients differ from the reference" in capsys.readouterr().out
