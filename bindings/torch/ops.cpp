@@ -131,13 +131,18 @@ orchard::AttentionOptions options_of(const std::string& op, const OptionArgs& a)
     return o;
 }
 
-// Runs `f` with the core's thread count matched to PyTorch's intra-op threads (no
-// oversubscription) and orchard::Error turned into tagged messages.
+// Orchard's CPU work runs on PyTorch's own intra-op threads: a second pool would compete with
+// them for the cores (they keep spinning after each op).
+void torch_run(int n, void (*body)(void* ctx, int worker), void* ctx) {
+    torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t w = begin; w < end; ++w) body(ctx, int(w));
+    });
+}
+
+// Runs `f` on PyTorch's threads, with orchard::Error turned into tagged messages.
 template <class F>
 auto guarded(F&& f) {
-    const int torch_threads = int(torch::stable::get_num_threads());
-    if (torch_threads > 0 && torch_threads != orchard::num_threads())
-        orchard::set_num_threads(torch_threads);
+    orchard::set_parallel_runner(&torch_run, int(torch::stable::get_num_threads()));
     try {
         return f();
     } catch (const orchard::Error& e) {

@@ -87,6 +87,14 @@ size_t backward_workspace_size(const BackwardArgs& args, const AttentionOptions&
 void set_num_threads(int n);
 int num_threads();
 
+// A framework's own worker threads, lent to Orchard so that two thread pools never compete for
+// the same cores (PyTorch's OpenMP threads keep spinning after each op). `run(n, body, ctx)`
+// must call body(ctx, 0) ... body(ctx, n - 1), in parallel where it can, and return when all
+// have returned. While a runner is set, the CPU backend uses it with `n_workers` workers instead
+// of its own pool; nullptr restores the pool.
+using ParallelRun = void (*)(int n, void (*body)(void* ctx, int worker), void* ctx);
+void set_parallel_runner(ParallelRun run, int n_workers);
+
 // Call counters, per direction and backend (the same numbers as the debug call log).
 struct Stats {
     int64_t calls[2][5] = {};      // [Direction][Backend]

@@ -55,5 +55,6 @@ size_t backward_workspace_size(const BackwardArgs& args, const AttentionOptions&
 
 void set_num_threads(int n) { set_pool_threads(n); }
 int num_threads() { return pool_threads(); }
+void set_parallel_runner(ParallelRun run, int n_workers) { set_runner(run, n_workers); }
 
 }  // namespace orchard

@@ -136,15 +136,66 @@ Pool& pool() {
     return *p;
 }
 
+struct Runner {
+    std::atomic<ParallelRun> run{nullptr};
+    std::atomic<int> workers{1};
+};
+
+Runner& runner() {
+    static Runner r;
+    return r;
+}
+
+// Tasks handed out from an atomic counter to the workers of a framework's runner.
+struct RunnerJob {
+    int64_t n;
+    TaskRef* task;
+    std::atomic<int64_t> next{0};
+    std::mutex mutex;
+    std::exception_ptr error;
+
+    static void body(void* ctx, int) {
+        auto* job = static_cast<RunnerJob*>(ctx);
+        const bool outer = t_inside_task;
+        t_inside_task = true;
+        for (int64_t i; (i = job->next.fetch_add(1)) < job->n;) {
+            try {
+                (*job->task)(i);
+            } catch (...) {
+                std::lock_guard<std::mutex> lock(job->mutex);
+                if (!job->error) job->error = std::current_exception();
+                job->next.store(job->n);
+            }
+        }
+        t_inside_task = outer;
+    }
+};
+
 }  // namespace
 
 void parallel_for(int64_t n, TaskRef task) {
     if (n <= 0) return;
-    pool().run(n, task);
+    const ParallelRun run = runner().run.load();
+    if (run == nullptr || t_inside_task) {
+        pool().run(n, task);  // the pool itself runs nested calls inline
+        return;
+    }
+    RunnerJob job;
+    job.n = n;
+    job.task = &task;
+    run(int(std::min<int64_t>(n, runner().workers.load())), &RunnerJob::body, &job);
+    if (job.error) std::rethrow_exception(job.error);
 }
 
 void set_pool_threads(int n) { pool().resize(n > 0 ? n : default_threads()); }
 
-int pool_threads() { return pool().threads(); }
+int pool_threads() {
+    return runner().run.load() != nullptr ? runner().workers.load() : pool().threads();
+}
+
+void set_runner(ParallelRun run, int n_workers) {
+    runner().workers.store(std::max(1, n_workers));
+    runner().run.store(run);
+}
 
 }  // namespace orchard

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "orchard/attention.h"
+
 namespace orchard {
 
 // A non-owning reference to a callable `void(int64_t task)`.
@@ -27,6 +29,10 @@ private:
 void parallel_for(int64_t n, TaskRef task);
 
 void set_pool_threads(int n);  // n <= 0: ORCHARD_NUM_THREADS, else hardware concurrency
+// The number of threads parallel_for uses: the runner's workers when one is set, else the pool's.
 int pool_threads();
+
+// Runs parallel_for on a framework's threads instead of the pool (see attention.h).
+void set_runner(ParallelRun run, int n_workers);
 
 }  // namespace orchard

@@ -157,6 +157,36 @@ TEST(ThreadPool, RunsEveryTaskOnceAndPropagatesErrors) {
     EXPECT_EQ(sum.load(), 4 * 8 * 45);
 }
 
+Case fused_vs_two_pass_case();
+
+// A framework's runner: here, one std::thread per worker.
+void thread_runner(int n, void (*body)(void*, int), void* ctx) {
+    std::vector<std::thread> threads;
+    for (int i = 0; i < n; ++i) threads.emplace_back(body, ctx, i);
+    for (auto& t : threads) t.join();
+}
+
+TEST(ThreadPool, RunsOnAFrameworksRunner) {
+    const Case c = fused_vs_two_pass_case();
+    Inputs in = make_inputs(c, DType::f32);
+    const Result own = run_case(c, in, DType::f32, Backend::cpu);
+    set_parallel_runner(&thread_runner, 3);
+    EXPECT_EQ(num_threads(), 3);
+    std::vector<std::atomic<int>> hits(1000);
+    auto task = [&](int64_t i) { hits[size_t(i)]++; };
+    parallel_for(1000, task);
+    auto boom = [](int64_t i) {
+        if (i == 5) throw std::runtime_error("task 5 failed");
+    };
+    EXPECT_THROW(parallel_for(100, boom), std::runtime_error);
+    const Result lent = run_case(c, in, DType::f32, Backend::cpu);
+    set_parallel_runner(nullptr, 0);
+    for (auto& h : hits) EXPECT_EQ(h.load(), 1);
+    EXPECT_EQ(lent.dq, own.dq);  // bitwise: the fused / two-pass choice changes nothing
+    EXPECT_EQ(lent.dk, own.dk);
+    EXPECT_EQ(lent.out, own.out);
+}
+
 TEST(ThreadPool, ThreadCountIsSettable) {
     const int before = num_threads();
     set_num_threads(3);
