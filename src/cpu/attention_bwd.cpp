@@ -19,6 +19,7 @@
 
 #include "core/thread_pool.h"
 #include "cpu/tile_ops-inl.h"
+#include "cpu/simd_dispatch.h"
 #include "cpu/tile_size.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -27,7 +28,7 @@ namespace orchard::cpu::HWY_NAMESPACE {
 // Per-step tiles of a score block in orientation O: S becomes P, dP becomes dS.
 template <class A>
 struct ScoreTiles {
-    hwy::AlignedFreeUniquePtr<A[]> s, t, pd, dp;  // scores/P, tanh (softcap), P * Z, dP/dS
+    Tile<A> s, t, pd, dp;  // scores/P, tanh (softcap), P * Z, dP/dS
     ScoreTiles(int64_t n) {
         s = alloc_tile<A>(n);
         t = alloc_tile<A>(n);
@@ -287,11 +288,7 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace orchard::cpu {
 
-HWY_EXPORT(attention_bwd_target);
-
-void attention_bwd_cpu(const AttentionParams& params) {
-    HWY_DYNAMIC_DISPATCH(attention_bwd_target)(params);
-}
+void attention_bwd_cpu(const AttentionParams& params) { ORCHARD_SIMD_DISPATCH(attention_bwd_target, params); }
 
 }  // namespace orchard::cpu
 #endif

@@ -16,6 +16,7 @@
 
 #include "core/thread_pool.h"
 #include "cpu/tile_ops-inl.h"
+#include "cpu/simd_dispatch.h"
 #include "cpu/tile_size.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -141,11 +142,7 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace orchard::cpu {
 
-HWY_EXPORT(attention_fwd_target);
-
-void attention_fwd_cpu(const AttentionParams& params) {
-    HWY_DYNAMIC_DISPATCH(attention_fwd_target)(params);
-}
+void attention_fwd_cpu(const AttentionParams& params) { ORCHARD_SIMD_DISPATCH(attention_fwd_target, params); }
 
 }  // namespace orchard::cpu
 #endif

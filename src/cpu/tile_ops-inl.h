@@ -12,13 +12,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <memory>
+#include <new>
 
 #include "core/mask.h"
 #include "core/params.h"
 #include "core/philox.h"
 #include "cpu/tile.h"
-#include "hwy/aligned_allocator.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
@@ -34,10 +36,20 @@ inline constexpr int kRowsPerBlock = 4;
 inline constexpr int kRowsPerBlock = 8;
 #endif
 
-// An aligned tile of n elements (at least one, so empty tiles are valid allocations).
+// An aligned tile of n elements (at least one, so empty tiles are valid allocations), from
+// the C++ runtime rather than Highway's allocator (which lives in libhwy.so).
+struct FreeTile {
+    void operator()(void* p) const { std::free(p); }
+};
 template <class A>
-hwy::AlignedFreeUniquePtr<A[]> alloc_tile(int64_t n) {
-    return hwy::AllocateAligned<A>(size_t(std::max<int64_t>(n, 1)));
+using Tile = std::unique_ptr<A[], FreeTile>;
+
+template <class A>
+Tile<A> alloc_tile(int64_t n) {
+    const size_t bytes = (size_t(std::max<int64_t>(n, 1)) * sizeof(A) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return Tile<A>(static_cast<A*>(p));
 }
 
 template <class A>

@@ -16,6 +16,7 @@
 #include "core/params.h"
 #include "core/philox.h"
 #include "core/thread_pool.h"
+#include "cpu/simd_dispatch.h"
 #include "cpu/tile_size.h"
 
 namespace orchard::test {
@@ -121,6 +122,17 @@ TEST(MemoryOverlap, PackedViewsAreDisjointSlicesAreNot) {
                             TensorView::contiguous(a.data() + 50, DType::f32, {50})));
     EXPECT_FALSE(may_overlap(TensorView::contiguous(a.data(), DType::f32, {50}),
                              TensorView::contiguous(a.data() + 50, DType::f32, {50})));
+}
+
+TEST(SimdDispatch, LevelIsCappedByTheEnvironment) {
+    // The ctest entries cases_simd_* run the suite with ORCHARD_CPU_SIMD set; this checks that
+    // the variable took effect (it can only lower the level).
+    const char* env = std::getenv("ORCHARD_CPU_SIMD");
+    if (env != nullptr) {
+        EXPECT_LE(int(cpu::simd_level()), int(cpu::SimdLevel::avx512));
+        EXPECT_STREQ(cpu::to_string(cpu::simd_level()), env);
+    }
+    EXPECT_STREQ(cpu::to_string(cpu::SimdLevel::avx2), "avx2");
 }
 
 TEST(TileSize, FitsL2AndVectorWidths) {

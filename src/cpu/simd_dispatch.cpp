@@ -1,0 +1,52 @@
+// CPU feature detection for the SIMD dispatch (see simd_dispatch.h).
+#include "cpu/simd_dispatch.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+
+namespace orchard::cpu {
+namespace {
+
+SimdLevel detect() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    // Highway's AVX3 target needs AVX-512 F/VL/DQ/BW; AVX2 needs AVX2, FMA and BMI2 (CPUs with
+    // those also have F16C and LZCNT). The checks include the OS's support for the registers.
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+        return SimdLevel::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("bmi2"))
+        return SimdLevel::avx2;
+    if (__builtin_cpu_supports("sse4.2")) return SimdLevel::sse4;
+#endif
+    return SimdLevel::baseline;
+}
+
+SimdLevel cap_from_env(SimdLevel level) {
+    const char* env = std::getenv("ORCHARD_CPU_SIMD");
+    if (env == nullptr) return level;
+    for (SimdLevel l : {SimdLevel::baseline, SimdLevel::sse4, SimdLevel::avx2, SimdLevel::avx512})
+        if (std::strcmp(env, to_string(l)) == 0) return l < level ? l : level;
+    return level;
+}
+
+}  // namespace
+
+SimdLevel simd_level() {
+    static const SimdLevel level = cap_from_env(detect());
+    return level;
+}
+
+const char* to_string(SimdLevel level) {
+    switch (level) {
+        case SimdLevel::avx512: return "avx512";
+        case SimdLevel::avx2: return "avx2";
+        case SimdLevel::sse4: return "sse4";
+        case SimdLevel::baseline: break;
+    }
+    return "baseline";
+}
+
+}  // namespace orchard::cpu

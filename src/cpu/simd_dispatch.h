@@ -1,0 +1,41 @@
+// Picks which compiled SIMD target runs, from the CPU's features, without Highway's runtime
+// library: the kernels use only Highway's headers, so Orchard's binaries need no libhwy.so.
+// Include after hwy/highway.h (it reads HWY_TARGETS).
+#pragma once
+
+namespace orchard::cpu {
+
+enum class SimdLevel { baseline, sse4, avx2, avx512 };
+
+// The best level this CPU and OS support, detected once. ORCHARD_CPU_SIMD=baseline|sse4|avx2|
+// avx512 caps it (to test the lower paths); it never raises it above what the CPU has.
+SimdLevel simd_level();
+
+const char* to_string(SimdLevel level);
+
+}  // namespace orchard::cpu
+
+// Targets compiled into this translation unit (x86; elsewhere only the static target).
+#if HWY_ARCH_X86 && (HWY_TARGETS & HWY_AVX3)
+#define ORCHARD_IF_AVX3(...) __VA_ARGS__
+#else
+#define ORCHARD_IF_AVX3(...)
+#endif
+#if HWY_ARCH_X86 && (HWY_TARGETS & HWY_AVX2)
+#define ORCHARD_IF_AVX2(...) __VA_ARGS__
+#else
+#define ORCHARD_IF_AVX2(...)
+#endif
+#if HWY_ARCH_X86 && (HWY_TARGETS & HWY_SSE4)
+#define ORCHARD_IF_SSE4(...) __VA_ARGS__
+#else
+#define ORCHARD_IF_SSE4(...)
+#endif
+
+// Returns the per-target instantiation of `fn` (compiled in each HWY_NAMESPACE by
+// foreach_target) applied to the arguments, for the best level available.
+#define ORCHARD_SIMD_DISPATCH(fn, ...)                                                      \
+    ORCHARD_IF_AVX3(if (simd_level() >= SimdLevel::avx512) return N_AVX3::fn(__VA_ARGS__);) \
+    ORCHARD_IF_AVX2(if (simd_level() >= SimdLevel::avx2) return N_AVX2::fn(__VA_ARGS__);)   \
+    ORCHARD_IF_SSE4(if (simd_level() >= SimdLevel::sse4) return N_SSE4::fn(__VA_ARGS__);)   \
+    return HWY_STATIC_DISPATCH(fn)(__VA_ARGS__)
