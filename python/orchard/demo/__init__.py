@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps trained with PyTorch SDPA for the speed comparison (0: skip)")
     p.add_argument("--min-drop", type=float, default=0.2,
                    help="fail unless the final loss is this fraction below the initial one")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for PyTorch and Orchard (1: reproducible across machines, and "
-                        "fast when other jobs share the cores; 0: PyTorch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for PyTorch, whose threads Orchard's kernels run on "
+                        "(0: PyTorch's default, all cores)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar, only the checks and the summary")
 
