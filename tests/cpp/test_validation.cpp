@@ -641,7 +641,7 @@ TEST_F(Validation, CallerWorkspace) {
     dq.fill(-3);
     dk.fill(-3);
     dv.fill(-3);
-    const size_t n = bytes / sizeof(double) + 8;
+    const size_t n = (bytes / sizeof(double) + 8 + 7) / 8 * 8;  // a multiple of 64 bytes
     std::unique_ptr<double[], decltype(&std::free)> ws(
         static_cast<double*>(std::aligned_alloc(64, n * sizeof(double))), &std::free);
     std::fill(ws.get(), ws.get() + n, kNaN);
