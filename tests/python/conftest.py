@@ -9,12 +9,23 @@ torch.compile's default backend (inductor) is slow the first time on a machine (
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import orchard
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+
+# Inductor caches compiled graphs across processes; after a change of an op's schema it was
+# seen reusing code generated for the older build (calling the op with stale arguments). One
+# cache folder per build of the compiled ops (set before torch.compile reads it).
+_build = hashlib.sha1(Path(orchard.__file__).with_name("_orchard_ops.so").read_bytes()).hexdigest()
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"torchinductor_orchard_{_build[:16]}"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None, database=None,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow])
