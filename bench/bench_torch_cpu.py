@@ -118,6 +118,20 @@ def plot(rows, path: Path):
     fig.savefig(path, dpi=110)
 
 
+def markdown_table(rows) -> str:
+    """GFLOP/s of Orchard and SDPA, and Orchard's speed-up, per configuration."""
+    lines = ["| dtype | D | causal | S | fwd Orchard / SDPA (x) | bwd Orchard / SDPA (x) | "
+             "fwd+bwd (x) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, p = r["orchard"], r["sdpa"]
+        lines.append(
+            f"| {r['dtype']} | {r['D']} | {'yes' if r['causal'] else 'no'} | {r['S']} | "
+            f"{o['fwd_gflops']:.0f} / {p['fwd_gflops']:.0f} ({r['speedup_fwd']:.2f}) | "
+            f"{o['bwd_gflops']:.0f} / {p['bwd_gflops']:.0f} ({r['speedup_bwd']:.2f}) | "
+            f"{r['speedup_fwd_bwd']:.2f} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs/bench")
@@ -125,7 +139,11 @@ def main():
     parser.add_argument("--tokens", type=int, default=8192, help="B * S per measurement")
     parser.add_argument("--hidden", type=int, default=1024, help="H * D per measurement")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--table", help="print the markdown table of a JSON this script wrote")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())["rows"]))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -157,6 +175,7 @@ def main():
     }
     (out / f"cpu-sdpa-{stamp}.json").write_text(json.dumps(result, indent=1))
     plot(rows, out / f"cpu-sdpa-{stamp}.png")
+    print(markdown_table(rows))
     print(f"wrote {out}/cpu-sdpa-{stamp}.json and .png")
 
 
