@@ -107,8 +107,12 @@ struct OptionArgs {
     Tensor rng_state;  // int64 (2,) on the CPU: Philox seed and offset
 };
 
-orchard::AttentionOptions options_of(const std::string& op, const OptionArgs& a) {
+// The core's options; `op` must outlive them (op_name points into it).
+orchard::AttentionOptions options_of(const std::string& op, const OptionArgs& a,
+                                     bool deterministic) {
     orchard::AttentionOptions o;
+    o.op_name = op.c_str();
+    o.deterministic = deterministic;
     o.scale = a.softmax_scale;
     o.causal = a.causal;
     o.window_left = a.window_left;
@@ -161,9 +165,7 @@ std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, std::optional<Tenso
         const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               dropout_p,    softmax_scale, causal,      window_left,
                               window_right, softcap,       alibi_slopes, rng_state};
-        orchard::AttentionOptions o = options_of(op, args);
-        o.op_name = op.c_str();
-        o.deterministic = deterministic;
+        const orchard::AttentionOptions o = options_of(op, args, deterministic);
         const bool varlen = cu_seqlens_q.has_value();
         std::vector<int64_t> out_shape = sizes_of(q);
         if (!out_shape.empty()) out_shape.back() = v.dim() > 0 ? v.size(v.dim() - 1) : 0;
@@ -193,9 +195,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v
         const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               dropout_p,    softmax_scale, causal,      window_left,
                               window_right, softcap,       alibi_slopes, rng_state};
-        orchard::AttentionOptions o = options_of(op, args);
-        o.op_name = op.c_str();
-        o.deterministic = deterministic;
+        const orchard::AttentionOptions o = options_of(op, args, deterministic);
         // A gradient not asked for is returned as an empty (0,) tensor and not computed.
         auto grad_like = [&](const Tensor& x, bool needed) {
             return torch::stable::new_empty(x, needed ? sizes_of(x) : std::vector<int64_t>{0});

@@ -206,19 +206,13 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
         const TileGeom g{i0, rows, j0, cols, diag};
         pack_rows(k.get(), ldd, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
                   cols, p.D, ldd);
-        // v is read in place when no conversion is needed: dP^T = v dout^T.
-        const T* v_src = at<const T>(p.v, p.v_st, b, fk, j0, hk);
-        const A* va = reinterpret_cast<const A*>(v_src);
-        int64_t va_row = p.v_st.s, va_col = p.v_st.d;
-        if constexpr (!std::is_same_v<T, A>) {
-            pack_rows(vb.get(), p.Dv, v_src, p.v_st.s, p.v_st.d, cols, p.Dv, p.Dv);
-            va = vb.get();
-            va_row = p.Dv;
-            va_col = 1;
-        }
+        // dP^T = v dout^T, v read in place when no conversion is needed.
+        const ElementOperand<A> va =
+            in_place_or_packed(at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d, cols,
+                               p.Dv, vb.get());
         gemm<false>(cols, ldq, p.D, k.get(), ldd, 1, qt.get(), ldq, w.s.get(), ldq);
         finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq);
-        gemm<false>(cols, ldq, p.Dv, va, va_row, va_col, dot.get(), ldq, w.dp.get(), ldq);
+        gemm<false>(cols, ldq, p.Dv, va.data, va.s_row, va.s_col, dot.get(), ldq, w.dp.get(), ldq);
         probs_and_ds<Orient::k_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldq);
         // dQ (rows, D) += dS (rows, cols) k (cols, D), dS read from dS^T.
         gemm<true>(rows, ldd, cols, w.dp.get(), 1, ldq, k.get(), ldd, dq.get(), ldd);

@@ -85,19 +85,13 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
     for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
         const int64_t cols = std::min(bk, j_hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
-        // k is read in place when no conversion is needed (any strides): S^T = k q^T.
-        const T* k_src = at<const T>(p.k, p.k_st, b, fk, j0, hk);
-        const A* ka = reinterpret_cast<const A*>(k_src);
-        int64_t ka_row = p.k_st.s, ka_col = p.k_st.d;
-        if constexpr (!std::is_same_v<T, A>) {
-            pack_rows(kb.get(), p.D, k_src, p.k_st.s, p.k_st.d, cols, p.D, p.D);
-            ka = kb.get();
-            ka_row = p.D;
-            ka_col = 1;
-        }
+        // S^T = k q^T, k read in place when no conversion is needed (any strides).
+        const ElementOperand<A> ka =
+            in_place_or_packed(at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d, cols,
+                               p.D, kb.get());
         pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
                   cols, p.Dv, ldv);
-        gemm<false>(cols, ldq, p.D, ka, ka_row, ka_col, qt.get(), ldq, st.get(), ldq);
+        gemm<false>(cols, ldq, p.D, ka.data, ka.s_row, ka.s_col, qt.get(), ldq, st.get(), ldq);
         finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<A*>(nullptr), ldq);
         softmax_update(st.get(), cols, ldq, m.get(), l.get(), alpha.get());
         for (int64_t r = 0; r < rows; ++r)

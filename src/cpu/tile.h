@@ -70,6 +70,25 @@ void pack_transposed(A* dst, int64_t ld, const T* src, int64_t s_row, int64_t s_
     }
 }
 
+// A GEMM operand read element-wise (the A side of gemm()): in place when the storage type is
+// the accumulation type (any strides), else converted into `scratch` as (rows, cols) row-major.
+template <class A>
+struct ElementOperand {
+    const A* data;
+    int64_t s_row, s_col;
+};
+
+template <class A, class T>
+ElementOperand<A> in_place_or_packed(const T* src, int64_t s_row, int64_t s_col, int64_t rows,
+                                     int64_t cols, A* scratch) {
+    if constexpr (std::is_same_v<T, A>) {
+        return {src, s_row, s_col};
+    } else {
+        pack_rows(scratch, cols, src, s_row, s_col, rows, cols, cols);
+        return {scratch, cols, 1};
+    }
+}
+
 // dst (rows, cols) strided  <-  factor * src (rows, cols) with leading dim ld.
 template <class T, class A>
 void store_rows(T* dst, int64_t s_row, int64_t s_col, const A* src, int64_t ld, int64_t rows,
