@@ -148,7 +148,8 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
                       p.dout_st.s, p.dout_st.d, rows, p.Dv, ldv);
             load_row_stats(p, dsum, b, h, i0, rows, rows, lse.get(), di.get());
             gemm<false>(rows, ldk, p.D, q.get(), ldd, 1, kt.get(), ldk, w.s.get(), ldk);
-            finish_scores<Orient::q_rows>(p, slope, g, w.s.get(), w.t.get(), ldk);
+            finish_scores<Orient::q_rows>(p, slope, g, w.s.get(), w.t.get(), ldk,
+                                          score_prescale<A>(p));
             gemm<false>(rows, ldk, p.Dv, dout.get(), ldv, 1, vt.get(), ldk, w.dp.get(), ldk);
             const A* pd = probs_and_ds<Orient::q_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldk);
             // dV (cols, Dv) += Pd^T (cols, rows) dout (rows, Dv); dK += dS^T q.
@@ -211,7 +212,8 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
             in_place_or_packed(at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d, cols,
                                p.Dv, vb.get());
         gemm<false>(cols, ldq, p.D, k.get(), ldd, 1, qt.get(), ldq, w.s.get(), ldq);
-        finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq);
+        finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq,
+                                      score_prescale<A>(p));
         gemm<false>(cols, ldq, p.Dv, va.data, va.s_row, va.s_col, dot.get(), ldq, w.dp.get(), ldq);
         probs_and_ds<Orient::k_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldq);
         // dQ (rows, D) += dS (rows, cols) k (cols, D), dS read from dS^T.

@@ -74,8 +74,10 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
     std::fill(acc.get(), acc.get() + rows * ldv, A(0));
     std::fill(m.get(), m.get() + ldq, -std::numeric_limits<A>::infinity());
     std::fill(l.get(), l.get() + ldq, A(0));
+    // q^T is packed already multiplied by the score scale (scale / softcap with a softcap), so
+    // tiles with nothing to mask, cap or bias need no pass before the softmax.
     pack_transposed(qt.get(), ldq, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s, p.q_st.d,
-                    rows, p.D, ldq);
+                    rows, p.D, ldq, score_prescale<A>(p));
 
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : A(0);
     const Span first = visible_keys(i0, diag, p.window_left, p.window_right, sk);
@@ -92,14 +94,15 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
         pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
                   cols, p.Dv, ldv);
         gemm<false>(cols, ldq, p.D, ka.data, ka.s_row, ka.s_col, qt.get(), ldq, st.get(), ldq);
-        finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<A*>(nullptr), ldq);
+        if (p.softcap > 0 || slope != A(0) || !fully_visible(p, g))
+            finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<A*>(nullptr), ldq,
+                                          A(1));
         softmax_update(st.get(), cols, ldq, m.get(), l.get(), alpha.get());
-        for (int64_t r = 0; r < rows; ++r)
-            if (alpha[r] != A(1)) scale_row(acc.get() + r * ldv, ldv, alpha[r]);
         if (p.dropout)
             apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, st.get(), st.get(), ldq);
-        // acc (rows, Dv) += P (rows, cols) v (cols, Dv), P read from P^T.
-        gemm<true>(rows, ldv, cols, st.get(), 1, ldq, v.get(), ldv, acc.get(), ldv);
+        // acc (rows, Dv) = diag(alpha) acc + P (rows, cols) v (cols, Dv), P read from P^T: the
+        // online softmax's rescale rides on the GEMM's load of acc.
+        gemm<true>(rows, ldv, cols, st.get(), 1, ldq, v.get(), ldv, acc.get(), ldv, alpha.get());
     }
 
     T* out = at<T>(p.out, p.out_st, b, fq, i0, h);

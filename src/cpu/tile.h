@@ -59,13 +59,15 @@ void pack_rows(A* dst, int64_t ld, const T* src, int64_t s_row, int64_t s_col, i
     }
 }
 
-// dst (cols, rows_pad) = transpose of src (rows, cols) strided; columns rows..rows_pad = 0.
+// dst (cols, rows_pad) = factor * transpose of src (rows, cols) strided; columns rows..rows_pad
+// are 0.
 template <class A, class T>
 void pack_transposed(A* dst, int64_t ld, const T* src, int64_t s_row, int64_t s_col,
-                     int64_t rows, int64_t cols, int64_t rows_pad) {
+                     int64_t rows, int64_t cols, int64_t rows_pad, A factor = A(1)) {
     for (int64_t c = 0; c < cols; ++c) {
         A* out = dst + c * ld;
-        for (int64_t r = 0; r < rows; ++r) out[r] = load_as<A>(src[r * s_row + c * s_col]);
+        for (int64_t r = 0; r < rows; ++r)
+            out[r] = factor * load_as<A>(src[r * s_row + c * s_col]);
         for (int64_t r = rows; r < rows_pad; ++r) out[r] = A(0);
     }
 }

@@ -58,17 +58,20 @@ inline int64_t lanes() {
 }
 
 // C (MR, NV * lanes) (+)= A (MR, K) * B (K, NV * lanes): A by scalar broadcast (any strides),
-// B row-major with leading dim ldb, C row-major with leading dim ldc.
+// B row-major with leading dim ldb, C row-major with leading dim ldc. When accumulating, row r
+// of C is first multiplied by c_scale[r] if c_scale is given (the online softmax's rescale).
 template <bool kAccumulate, int MR, int NV, class A>
 HWY_INLINE void gemm_block(int64_t K, const A* a, int64_t sa_i, int64_t sa_k, const A* b,
-                           int64_t ldb, A* c, int64_t ldc) {
+                           int64_t ldb, A* c, int64_t ldc, const A* c_scale) {
     const hn::ScalableTag<A> d;
     const int64_t L = hn::Lanes(d);
     using V = hn::Vec<decltype(d)>;
     V acc[MR][NV];
     for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v)
+        for (int v = 0; v < NV; ++v) {
             acc[r][v] = kAccumulate ? hn::LoadU(d, c + r * ldc + v * L) : hn::Zero(d);
+            if (kAccumulate && c_scale != nullptr) acc[r][v] = hn::Mul(acc[r][v], hn::Set(d, c_scale[r]));
+        }
     for (int64_t k = 0; k < K; ++k) {
         V bv[NV];
         for (int v = 0; v < NV; ++v) bv[v] = hn::LoadU(d, b + k * ldb + v * L);
@@ -83,28 +86,33 @@ HWY_INLINE void gemm_block(int64_t K, const A* a, int64_t sa_i, int64_t sa_k, co
 
 template <bool kAccumulate, int MR, class A>
 HWY_INLINE void gemm_rows(int64_t N, int64_t K, const A* a, int64_t sa_i, int64_t sa_k,
-                          const A* b, int64_t ldb, A* c, int64_t ldc) {
+                          const A* b, int64_t ldb, A* c, int64_t ldc, const A* c_scale) {
     const int64_t L = lanes<A>();
     int64_t n = 0;
     for (; n + 2 * L <= N; n += 2 * L)
-        gemm_block<kAccumulate, MR, 2>(K, a, sa_i, sa_k, b + n, ldb, c + n, ldc);
-    for (; n < N; n += L) gemm_block<kAccumulate, MR, 1>(K, a, sa_i, sa_k, b + n, ldb, c + n, ldc);
+        gemm_block<kAccumulate, MR, 2>(K, a, sa_i, sa_k, b + n, ldb, c + n, ldc, c_scale);
+    for (; n < N; n += L)
+        gemm_block<kAccumulate, MR, 1>(K, a, sa_i, sa_k, b + n, ldb, c + n, ldc, c_scale);
 }
 
-// C (M, N) = A (M, K) * B (K, N), or C += A * B when kAccumulate. N must be a multiple of
-// lanes<A>() (tiles are padded with zeros to that width); A is read element-wise at
-// a[i * sa_i + k * sa_k], so it may be a transposed tile or a strided tensor.
+// C (M, N) = A (M, K) * B (K, N), or C = diag(c_scale) C + A * B when kAccumulate (c_scale
+// optional). N must be a multiple of lanes<A>() (tiles are padded with zeros to that width); A is
+// read element-wise at a[i * sa_i + k * sa_k], so it may be a transposed tile or a strided tensor.
 template <bool kAccumulate, class A>
 void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t sa_i, int64_t sa_k, const A* b,
-          int64_t ldb, A* c, int64_t ldc) {
+          int64_t ldb, A* c, int64_t ldc, const A* c_scale = nullptr) {
     constexpr int MR = kRowsPerBlock;
+    auto scale_at = [&](int64_t i) { return c_scale ? c_scale + i : nullptr; };
     int64_t i = 0;
     for (; i + MR <= M; i += MR)
-        gemm_rows<kAccumulate, MR>(N, K, a + i * sa_i, sa_i, sa_k, b, ldb, c + i * ldc, ldc);
+        gemm_rows<kAccumulate, MR>(N, K, a + i * sa_i, sa_i, sa_k, b, ldb, c + i * ldc, ldc,
+                                   scale_at(i));
     for (; i + 2 <= M; i += 2)
-        gemm_rows<kAccumulate, 2>(N, K, a + i * sa_i, sa_i, sa_k, b, ldb, c + i * ldc, ldc);
+        gemm_rows<kAccumulate, 2>(N, K, a + i * sa_i, sa_i, sa_k, b, ldb, c + i * ldc, ldc,
+                                  scale_at(i));
     for (; i < M; ++i)
-        gemm_rows<kAccumulate, 1>(N, K, a + i * sa_i, sa_i, sa_k, b, ldb, c + i * ldc, ldc);
+        gemm_rows<kAccumulate, 1>(N, K, a + i * sa_i, sa_i, sa_k, b, ldb, c + i * ldc, ldc,
+                                  scale_at(i));
 }
 
 // Where a (query block, key block) tile sits in its sequence.
@@ -124,16 +132,30 @@ inline int64_t tile_rows(const TileGeom& g) {
     return O == Orient::q_rows ? g.rows : g.cols;
 }
 
-// Turns raw dot products into scores: scale, softcap (tanh kept in `t` when non-null, for the
-// backward), ALiBi, and -inf outside the window or past the valid queries / keys.
+// What raw dot products are multiplied by before the softcap's tanh (or as the whole scaling).
+template <class A>
+A score_prescale(const AttentionParams& p) {
+    return p.softcap > 0 ? A(p.scale / p.softcap) : A(p.scale);
+}
+
+// Whether every (query, key) of the tile is inside the window.
+inline bool fully_visible(const AttentionParams& p, const TileGeom& g) {
+    return g.j0 >= g.i0 + g.rows - 1 + g.diag - p.window_left &&
+           g.j0 + g.cols - 1 <= g.i0 + g.diag + p.window_right;
+}
+
+// Turns dot products into scores: times `pre` (score_prescale, or 1 when the query tile was
+// packed already scaled), softcap (tanh kept in `t` when non-null, for the backward), ALiBi, and
+// -inf outside the window or past the valid queries / keys.
 template <Orient O, class A>
-void finish_scores(const AttentionParams& p, A slope, const TileGeom& g, A* s, A* t, int64_t ld) {
+void finish_scores(const AttentionParams& p, A slope, const TileGeom& g, A* s, A* t, int64_t ld,
+                   A pre_factor) {
     const hn::ScalableTag<A> d;
     const int64_t L = hn::Lanes(d);
     const A neg_inf = -std::numeric_limits<A>::infinity();
     const bool softcap = p.softcap > 0;
     const auto cap = hn::Set(d, A(p.softcap));
-    const auto pre = hn::Set(d, softcap ? A(p.scale / p.softcap) : A(p.scale));
+    const auto pre = hn::Set(d, pre_factor);
     for (int64_t x = 0; x < tile_rows<O>(g); ++x) {
         A* row = s + x * ld;
         // ALiBi distance |i + diag - j| is |y - center| along the row; the visible span of y.
@@ -175,14 +197,6 @@ void finish_scores(const AttentionParams& p, A slope, const TileGeom& g, A* s, A
 template <class D, class V>
 HWY_INLINE V exp_finite(D d, V x) {
     return hn::Exp(d, hn::Max(x, hn::Set(d, std::numeric_limits<hn::TFromD<D>>::lowest())));
-}
-
-template <class A>
-void scale_row(A* x, int64_t width, A factor) {
-    const hn::ScalableTag<A> d;
-    const int64_t L = hn::Lanes(d);
-    const auto f = hn::Set(d, factor);
-    for (int64_t c = 0; c < width; c += L) hn::StoreU(hn::Mul(hn::LoadU(d, x + c), f), d, x + c);
 }
 
 // pd = p * dropout multiplier (0 or 1 / (1 - p)) of DESIGN.md's Philox mask, for head bh.
