@@ -258,7 +258,14 @@ STABLE_TORCH_LIBRARY(orchard, m) {
     m.def("note_fallback(str op, bool backward, str used, str reason) -> ()");
 }
 
+// One implementation for every device: the core picks the backend from the tensors' device and
+// says clearly when that backend was not built (a CPU-only build given CUDA tensors).
 STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) {
+    m.impl("fwd", TORCH_BOX(&fwd));
+    m.impl("bwd", TORCH_BOX(&bwd));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(orchard, CUDA, m) {
     m.impl("fwd", TORCH_BOX(&fwd));
     m.impl("bwd", TORCH_BOX(&bwd));
 }
