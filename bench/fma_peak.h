@@ -10,7 +10,7 @@ namespace orchard::bench {
 double fma_loop(int64_t rounds);
 double fma_loop_flops(int64_t rounds);  // what fma_loop(rounds) returns, without running it
 
-// GFLOP/s of `threads` threads running fma_loop at once: the best of a few runs.
+// GFLOP/s of `threads` threads running fma_loop at once: the best of several runs.
 double fma_peak_gflops(int threads);
 
 }  // namespace orchard::bench

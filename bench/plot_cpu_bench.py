@@ -49,20 +49,23 @@ def num(run, key, fmt):
     return format(run[key], fmt) + (" *" if disturbed(run) else "")
 
 
+def ceiling(rows):
+    """The peak that frac_peak divides by (measured once in the run), recovered from any result."""
+    return next((r["GFLOPs"] / r["frac_peak"] for rs in rows.values() for r in rs.values()), 0)
+
+
 def table(context, peaks, rows):
     lines = [
         f"Threads: {context.get('orchard_num_threads', '?')}; load average at the start: "
         f"{context.get('load_avg', '?')}; FMA peak (GFLOP/s): "
         + ", ".join(f"{t} thread(s) {g:.1f}" for t, g in sorted(peaks.items()))
     ]
-    # frac_peak's ceiling is measured once inside the run; recover it from any result.
-    ceiling = next((r["GFLOPs"] / r["frac_peak"] for rs in rows.values() for r in rs.values()), 0)
-    if ceiling:
-        lines.append(f"frac_peak is relative to {ceiling:.1f} GFLOP/s (measured in the run)")
+    peak = ceiling(rows)
+    lines.append(f"frac_peak is relative to {peak:.1f} GFLOP/s (measured in the run)")
     # On a quiet machine the peak scales with the threads and the two peak measurements agree.
     if peaks:
         threads, all_threads = max(peaks.items())
-        if all_threads < 0.75 * threads * peaks[min(peaks)] or ceiling < 0.9 * all_threads:
+        if all_threads < 0.75 * threads * peaks[min(peaks)] or peak < 0.9 * all_threads:
             lines.append(
                 "WARNING: the FMA peak does not scale with threads or is unstable: other work was "
                 "running on this machine, and every number here is suspect."
@@ -87,7 +90,8 @@ def table(context, peaks, rows):
     return "\n".join(lines)
 
 
-def plot(context, peaks, rows, png):
+def plot(context, rows, png):
+    peak = ceiling(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     seqlens = sorted({k[3] for k in rows})
     colors = {}  # one colour per (dtype, D); causal runs dashed
@@ -108,17 +112,15 @@ def plot(context, peaks, rows, png):
             )
         ax.set_xscale("log", base=2)
         ax.set_xticks(seqlens, [str(s) for s in seqlens])
+        ax.axhline(peak, color="gray", linestyle=":")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("seqlen (B * H * S = 8192)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("GFLOP/s")
-    axes[1].legend(fontsize=8)
-    peak = max(peaks.items()) if peaks else None
-    fig.suptitle(
-        f"Orchard CPU attention, {context.get('orchard_num_threads', '?')} threads"
-        + (f"; FMA peak {peak[1]:.0f} GFLOP/s ({peak[0]} threads)" if peak else "")
-    )
+    axes[1].legend(fontsize=8, loc="lower right")
+    threads = context.get("orchard_num_threads", "?")
+    fig.suptitle(f"Orchard CPU attention, {threads} threads; dotted: FMA peak {peak:.0f} GFLOP/s")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
@@ -131,7 +133,7 @@ def main():
     context, peaks, rows = load(args.json)
     print(table(context, peaks, rows))
     png = args.png or str(Path(args.json).with_suffix(".png"))
-    plot(context, peaks, rows, png)
+    plot(context, rows, png)
     print(f"\nplot: {png}")
 
 

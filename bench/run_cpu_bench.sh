@@ -12,7 +12,7 @@ cmake --build "$build" --target orchard_bench -j "${JOBS:-2}"
 
 # Timings are only as good as the machine is quiet: say so when it is not.
 echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
-# 3 repetitions of >= 0.3 s each (the plot takes the best); about 3 minutes on 2 cores.
+# 3 repetitions of >= 0.3 s each (the plot takes the best): about 2.5 minutes on 2 cores.
 "$build/bench/orchard_bench" --benchmark_min_time="${MIN_TIME:-0.3}" \
     --benchmark_repetitions=3 --benchmark_display_aggregates_only=true \
     --benchmark_out="$out/bench_cpu.json" --benchmark_out_format=json
