@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cmath>
+#include <utility>
 
 #include "cuda/kernel_params.cuh"
 #include "cuda/mma.cuh"
@@ -49,12 +50,45 @@ struct BwdConfig {
     static constexpr size_t kDqSmem = size_t(2 * kBN + 4 * kBM) * kP * 2;
 };
 
-// ds = p * (dp * z - delta), times the softcap derivative, times the softmax scale.
-__device__ __forceinline__ float grad_score(const ScoreMod& mod, float p, float dp, float z,
-                                            float delta, float tanh_v) {
-    float ds = p * (dp * z - delta);
-    if (mod.softcap > 0.f) ds *= 1.f - tanh_v * tanh_v;
-    return ds * mod.scale;
+// The dropout keep bits of a thread's kTiles C tiles (bit 4 * tile + c), one Philox
+// call per element: `ij(tile, c)` gives the (query, key) of element c of a tile.
+template <int kTiles, class IJ>
+__device__ __forceinline__ uint32_t keep_bits(const KernelParams& p, int64_t bh, IJ ij) {
+    static_assert(kTiles * 4 <= 32);
+    uint32_t bits = 0;
+#pragma unroll 1  // Philox is long: a rolled loop keeps its registers out of the hot path
+    for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const auto [i, j] = ij(tile, c);
+            if (dropout_word(dropout_words(p.seed, p.offset, bh, i, j / 4), j) < p.keep_threshold)
+                bits |= 1u << (tile * 4 + c);
+        }
+    return bits;
+}
+
+// From scores s (log2 units, masked = -inf) and dp of kTiles C tiles: s <- P * z (for dV) and
+// dp <- dS = P * (dp * z - delta) [* (1 - tanh^2)] * scale, z = keep ? 1 / (1 - p) : 0.
+// lse2 / delta give a column's (or row's) values; dist(tile, c) = i + diag - j for softcap.
+template <int kTiles, bool kSoftcap, class Row, class Dist>
+__device__ __forceinline__ void probs_and_grads(const ScoreMod& mod, float (&s)[kTiles][4],
+                                                float (&dp)[kTiles][4], uint32_t keep, float rp,
+                                                Row lse2_delta, Dist dist) {
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const auto [lse2, delta] = lse2_delta(tile, c);
+            const float pr = exp2f(s[tile][c] - lse2);
+            const float z = (keep >> (tile * 4 + c)) & 1u ? rp : 0.f;
+            float ds = pr * (dp[tile][c] * z - delta);
+            if constexpr (kSoftcap) {
+                const float t = mod.softcap_tanh(s[tile][c], dist(tile, c));
+                ds *= 1.f - t * t;
+            }
+            dp[tile][c] = ds * mod.scale;
+            s[tile][c] = pr * z;
+        }
 }
 
 template <class T, class Cfg>
@@ -148,34 +182,45 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
             }
         }
 
-        // st <- P^T * z (for dV), dpt <- dS^T (for dK).
-        const bool full = tile_fully_visible(p, s, m0, kBM, n0, kBN);
-        const int64_t bh = int64_t(b) * p.Hq + h;
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const int64_t j = n0 + kr + g + rr * 8;
+        // Element (qt, c): key j = n0 + kr + g + 8 * (c / 2), query i = m0 + qt * 8 + 2t + c % 2.
+        // One branch per tile and pass (see the forward kernel).
+        auto ij = [&](int qt, int c) {
+            return std::pair<int64_t, int64_t>{m0 + qt * 8 + 2 * t + c % 2, n0 + kr + g + 8 * (c / 2)};
+        };
+        auto dist = [&](int qt, int c) {
+            const auto [i, j] = ij(qt, c);
+            return i + diag - j;
+        };
+        if (mod.plain) {
 #pragma unroll
             for (int qt = 0; qt < kQT; ++qt)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int r = qt * 8 + 2 * t + e;
-                    const int64_t i = m0 + r;
-                    float tanh_v = 0.f;
-                    const float x = mod(st[qt][2 * rr + e], i, j, diag, &tanh_v);
+                for (int c = 0; c < 4; ++c) st[qt][c] *= mod.scale_log2;
+        } else {
+#pragma unroll
+            for (int qt = 0; qt < kQT; ++qt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) st[qt][c] = mod.general(st[qt][c], dist(qt, c));
+        }
+        if (!tile_fully_visible(p, s, m0, kBM, n0, kBN)) {
+#pragma unroll
+            for (int qt = 0; qt < kQT; ++qt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const auto [i, j] = ij(qt, c);
                     const int64_t rel = j - i - diag;
-                    const bool visible =
-                        full || (rel >= -p.window_left && rel <= p.window_right && j < s.sk);
-                    const float pr = visible ? exp2f(x - tLse[r]) : 0.f;
-                    float z = 1.f;
-                    if (p.dropout)
-                        z = dropout_word(dropout_words(p.seed, p.offset, bh, i, j / 4), j) <
-                                    p.keep_threshold
-                                ? p.rp_dropout
-                                : 0.f;
-                    st[qt][2 * rr + e] = pr * z;
-                    dpt[qt][2 * rr + e] = grad_score(mod, pr, dpt[qt][2 * rr + e], z, tDelta[r], tanh_v);
+                    if (rel < -p.window_left || rel > p.window_right || j >= s.sk) st[qt][c] = -INFINITY;
                 }
         }
+        const uint32_t keep = p.dropout ? keep_bits<kQT>(p, int64_t(b) * p.Hq + h, ij) : ~0u;
+        auto lse2_delta = [&](int qt, int c) {
+            const int r = qt * 8 + 2 * t + c % 2;
+            return std::pair<float, float>{tLse[r], tDelta[r]};
+        };
+        if (mod.softcap > 0.f)
+            probs_and_grads<kQT, true>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
+        else
+            probs_and_grads<kQT, false>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
 
         // dV += (P z)^T dO, dK += dS^T Q.
 #pragma unroll
@@ -197,6 +242,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
         }
         __syncthreads();  // the next prefetch overwrites this stage
     }
+    cp_async_wait<0>();  // keys no query sees skip the loop: their K/V copies end here
 
     const float one[2] = {1.f, 1.f};
     if (p.dk) {
@@ -302,37 +348,47 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
             }
         }
 
-        // acc_s <- dS.
-        const bool full = tile_fully_visible(p, s, m0, kBQ, n0, kBK);
+        // Element (nt, c): query i = m0 + qr + g + 8 * (c / 2), key j = n0 + nt * 8 + 2t + c % 2.
+        auto ij = [&](int nt, int c) {
+            return std::pair<int64_t, int64_t>{m0 + qr + g + 8 * (c / 2), n0 + nt * 8 + 2 * t + c % 2};
+        };
+        auto dist = [&](int nt, int c) {
+            const auto [i, j] = ij(nt, c);
+            return i + diag - j;
+        };
+        if (mod.plain) {
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const int64_t i = m0 + qr + g + rr * 8;
-            const Span keys = visible_keys(i, diag, p.window_left, p.window_right, s.sk);
+            for (int nt = 0; nt < kKT; ++nt)
 #pragma unroll
-            for (int nt = 0; nt < kKT; ++nt) {
-                const int64_t j0 = n0 + nt * 8 + 2 * t;
-                Philox4 w{};
-                if (p.dropout) w = dropout_words(p.seed, p.offset, bh, i, j0 / 4);
+                for (int c = 0; c < 4; ++c) acc_s[nt][c] *= mod.scale_log2;
+        } else {
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int64_t j = j0 + e;
-                    float tanh_v = 0.f;
-                    const float x = mod(acc_s[nt][2 * rr + e], i, j, diag, &tanh_v);
-                    const bool visible = full || (j >= keys.lo && j < keys.hi);
-                    const float pr = visible ? exp2f(x - lse2[rr]) : 0.f;
-                    const float z =
-                        !p.dropout ? 1.f
-                                   : (dropout_word(w, j) < p.keep_threshold ? p.rp_dropout : 0.f);
-                    acc_s[nt][2 * rr + e] = grad_score(mod, pr, acc_dp[nt][2 * rr + e], z, delta[rr], tanh_v);
-                }
-            }
+            for (int nt = 0; nt < kKT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc_s[nt][c] = mod.general(acc_s[nt][c], dist(nt, c));
         }
+        if (!tile_fully_visible(p, s, m0, kBQ, n0, kBK)) {
+#pragma unroll
+            for (int nt = 0; nt < kKT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const auto [i, j] = ij(nt, c);
+                    const int64_t rel = j - i - diag;
+                    if (rel < -p.window_left || rel > p.window_right || j >= s.sk) acc_s[nt][c] = -INFINITY;
+                }
+        }
+        const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, ij) : ~0u;
+        auto lse2_delta = [&](int, int c) { return std::pair<float, float>{lse2[c / 2], delta[c / 2]}; };
+        if (mod.softcap > 0.f)
+            probs_and_grads<kKT, true>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
+        else
+            probs_and_grads<kKT, false>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
 
         // dQ += dS K.
 #pragma unroll
         for (int ks = 0; ks < kBK / 16; ++ks) {
             uint32_t a[4];
-            c_to_a<T>(a, acc_s[2 * ks], acc_s[2 * ks + 1]);
+            c_to_a<T>(a, acc_dp[2 * ks], acc_dp[2 * ks + 1]);
 #pragma unroll
             for (int dp = 0; dp < kD / 16; ++dp) {
                 uint32_t bk[4];
@@ -344,6 +400,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
         }
         __syncthreads();
     }
+    cp_async_wait<0>();
 
     const float one[2] = {1.f, 1.f};
     T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + s.first_q * p.dq_st.s + int64_t(h) * p.dq_st.h;
@@ -352,24 +409,34 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
 
 // ---- launch ---------------------------------------------------------------------------------
 
+inline bool empty_grid(const dim3& g) { return g.x == 0 || g.y == 0 || g.z == 0; }
+
 template <class T, class Cfg>
 void launch_bwd(const KernelParams& p, cudaStream_t stream) {
+    // Empty grids (no query, no key, no head) launch nothing; dK/dV still run with no query, to
+    // write their zeros.
     const dim3 delta_grid(unsigned((p.Sq + kDeltaRows - 1) / kDeltaRows), unsigned(p.Hq), unsigned(p.B));
-    attention_bwd_delta_kernel<T><<<delta_grid, kDeltaRows * 32, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "backward preprocess kernel launch");
+    if (!empty_grid(delta_grid)) {
+        attention_bwd_delta_kernel<T><<<delta_grid, kDeltaRows * 32, 0, stream>>>(p);
+        check_cuda(cudaGetLastError(), "backward preprocess kernel launch");
+    }
     if (p.dk || p.dv) {
         auto kernel = attention_bwd_dkdv_kernel<T, Cfg>;
-        set_smem(kernel, Cfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV)");
         const dim3 grid(unsigned((p.Sk + Cfg::kBN - 1) / Cfg::kBN), unsigned(p.Hkv), unsigned(p.B));
-        kernel<<<grid, Cfg::kThreads, Cfg::kDkvSmem, stream>>>(p);
-        check_cuda(cudaGetLastError(), "backward dK/dV kernel launch");
+        if (!empty_grid(grid)) {
+            set_smem(kernel, Cfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV)");
+            kernel<<<grid, Cfg::kThreads, Cfg::kDkvSmem, stream>>>(p);
+            check_cuda(cudaGetLastError(), "backward dK/dV kernel launch");
+        }
     }
     if (p.dq) {
         auto kernel = attention_bwd_dq_kernel<T, Cfg>;
-        set_smem(kernel, Cfg::kDqSmem, "cudaFuncSetAttribute (dQ)");
         const dim3 grid(unsigned((p.Sq + Cfg::kBN - 1) / Cfg::kBN), unsigned(p.Hq), unsigned(p.B));
-        kernel<<<grid, Cfg::kThreads, Cfg::kDqSmem, stream>>>(p);
-        check_cuda(cudaGetLastError(), "backward dQ kernel launch");
+        if (!empty_grid(grid)) {
+            set_smem(kernel, Cfg::kDqSmem, "cudaFuncSetAttribute (dQ)");
+            kernel<<<grid, Cfg::kThreads, Cfg::kDqSmem, stream>>>(p);
+            check_cuda(cudaGetLastError(), "backward dQ kernel launch");
+        }
     }
 }
 

@@ -108,25 +108,56 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
             }
         }
 
-        // Scores -> probabilities (online softmax), masking only where the tile needs it.
-        const bool full = tile_fully_visible(p, s, m0, kBM, n0, kBN);
+        // Each pass below branches once per tile, so the common path (no softcap, ALiBi, mask or
+        // dropout) is straight-line code the compiler can schedule across all 64 elements.
+        // Element (mf, nt, c): row warp_row0 + mf * 16 + g + 8 * (c / 2), key n0 + nt * 8 + 2t + c % 2.
+        if (mod.plain) {
+#pragma unroll
+            for (int mf = 0; mf < kMF; ++mf)
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) acc_s[mf][nt][c] *= mod.scale_log2;
+        } else {
+#pragma unroll
+            for (int mf = 0; mf < kMF; ++mf)
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const int64_t i = m0 + warp_row0 + mf * 16 + g + 8 * (c / 2);
+                        const int64_t j = n0 + nt * 8 + 2 * t + c % 2;
+                        acc_s[mf][nt][c] = mod.general(acc_s[mf][nt][c], i + diag - j);
+                    }
+        }
+        if (!tile_fully_visible(p, s, m0, kBM, n0, kBN)) {
+#pragma unroll
+            for (int mf = 0; mf < kMF; ++mf)
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    const int64_t i = m0 + warp_row0 + mf * 16 + g + rr * 8;
+                    const Span keys = visible_keys(i, diag, p.window_left, p.window_right, s.sk);
+                    // Visible columns of this tile, [lo, hi) relative to n0.
+                    const int lo = int(max(min(keys.lo - n0, int64_t(kBN)), int64_t(0)));
+                    const int hi = int(max(min(keys.hi - n0, int64_t(kBN)), int64_t(0)));
+#pragma unroll
+                    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int col = nt * 8 + 2 * t + e;
+                            if (col < lo || col >= hi) acc_s[mf][nt][2 * rr + e] = -INFINITY;
+                        }
+                }
+        }
+        // Online softmax: new row max, rescale of the running sum and output, P = exp2(s - max).
 #pragma unroll
         for (int mf = 0; mf < kMF; ++mf) {
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
-                const int64_t i = m0 + warp_row0 + mf * 16 + g + rr * 8;
-                const Span keys = visible_keys(i, diag, p.window_left, p.window_right, s.sk);
                 float mx = row_max[mf][rr];
 #pragma unroll
                 for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int64_t j = n0 + nt * 8 + 2 * t + e;
-                        float& x = acc_s[mf][nt][2 * rr + e];
-                        x = mod(x, i, j, diag);
-                        if (!full && (j < keys.lo || j >= keys.hi)) x = -INFINITY;
-                        mx = fmaxf(mx, x);
-                    }
+                    mx = fmaxf(mx, fmaxf(acc_s[mf][nt][2 * rr], acc_s[mf][nt][2 * rr + 1]));
                 mx = quad_max(mx);
                 // A row with nothing visible yet keeps max -inf: subtract 0 instead (exp2 -> 0).
                 const float base = mx == -INFINITY ? 0.f : mx;
@@ -135,20 +166,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
                 float sum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < kNT; ++nt) {
-                    float& x0 = acc_s[mf][nt][2 * rr];
-                    float& x1 = acc_s[mf][nt][2 * rr + 1];
-                    x0 = exp2f(x0 - base);
-                    x1 = exp2f(x1 - base);
-                    sum += x0 + x1;
-                    if (p.dropout) {  // the sum keeps dropped values; P.V does not
-                        const int64_t j = n0 + nt * 8 + 2 * t;
-                        const Philox4 w = dropout_words(p.seed, p.offset, int64_t(b) * p.Hq + h,
-                                                        i, j / 4);
-                        // j % 4 is 0 or 2 (n0 % 8 == 0): constant indices keep w in registers.
-                        const bool upper = (t & 1) != 0;
-                        if ((upper ? w.x[2] : w.x[0]) >= p.keep_threshold) x0 = 0.f;
-                        if ((upper ? w.x[3] : w.x[1]) >= p.keep_threshold) x1 = 0.f;
-                    }
+                    acc_s[mf][nt][2 * rr] = exp2f(acc_s[mf][nt][2 * rr] - base);
+                    acc_s[mf][nt][2 * rr + 1] = exp2f(acc_s[mf][nt][2 * rr + 1] - base);
+                    sum += acc_s[mf][nt][2 * rr] + acc_s[mf][nt][2 * rr + 1];
                 }
                 row_sum[mf][rr] = row_sum[mf][rr] * rescale + sum;
 #pragma unroll
@@ -156,6 +176,29 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
                     acc_o[mf][dt][2 * rr] *= rescale;
                     acc_o[mf][dt][2 * rr + 1] *= rescale;
                 }
+            }
+        }
+        // Dropout on P: the row sums above keep the dropped values, P V does not. Keep bits first
+        // (a rolled loop: Philox's registers stay out of the unrolled code), then a select each.
+        if (p.dropout) {
+#pragma unroll
+            for (int mf = 0; mf < kMF; ++mf) {
+                uint32_t keep = 0;  // bit 4 * nt + c
+#pragma unroll 1
+                for (int x = 0; x < 2 * kNT; ++x) {
+                    const int rr = x / kNT, nt = x % kNT;
+                    const int64_t i = m0 + warp_row0 + mf * 16 + g + rr * 8;
+                    const int64_t j = n0 + nt * 8 + 2 * t;  // j % 4 is 0 or 2: words (0, 1) or (2, 3)
+                    const Philox4 w = dropout_words(p.seed, p.offset, int64_t(b) * p.Hq + h, i, j / 4);
+                    const bool upper = (t & 1) != 0;
+                    keep |= uint32_t((upper ? w.x[2] : w.x[0]) < p.keep_threshold) << (nt * 4 + rr * 2);
+                    keep |= uint32_t((upper ? w.x[3] : w.x[1]) < p.keep_threshold) << (nt * 4 + rr * 2 + 1);
+                }
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c)
+                        if (!((keep >> (nt * 4 + c)) & 1u)) acc_s[mf][nt][c] = 0.f;
             }
         }
 
@@ -179,6 +222,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
         }
         __syncthreads();  // the next iteration's prefetch overwrites this stage
     }
+    cp_async_wait<0>();  // no copy may outlive the block (rows that see no key skip the loop)
 
     // out = acc / sum (times 1 / (1 - p) under dropout); lse = ln(sum) + max. Rows that saw no
     // key get out = 0 and lse = +inf (DESIGN.md).
@@ -206,6 +250,7 @@ void launch_fwd(const KernelParams& p, cudaStream_t stream) {
     auto kernel = attention_fwd_kernel<T, Cfg>;
     set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute (forward)");
     const dim3 grid(unsigned((p.Sq + Cfg::kBM - 1) / Cfg::kBM), unsigned(p.Hq), unsigned(p.B));
+    if (grid.x * grid.y * grid.z == 0) return;
     kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
     check_cuda(cudaGetLastError(), "forward kernel launch");
 }

@@ -65,25 +65,24 @@ __device__ __forceinline__ const T* row_ptr(const void* base, const Strides& st,
     return static_cast<const T*>(base) + b * st.b + token * st.s + int64_t(h) * st.h;
 }
 
-// The score transform of DESIGN.md for one element, in log2 units (ready for exp2f):
-// s = scale * qk; softcap: s = cap * tanh(s / cap); ALiBi: s -= slope * |i + diag - j|.
-// `tanh_out` receives tanh(s / cap) for the softcap derivative in the backward.
+// The score transform of DESIGN.md in log2 units (ready for exp2f): s = scale * qk; softcap:
+// s = cap * tanh(s / cap); ALiBi: s -= slope * |i + diag - j|. Kernels test `plain` once per tile
+// and multiply by scale_log2 on that path, so the common case is straight-line code.
 struct ScoreMod {
     float scale, scale_log2, softcap, slope;
-    bool plain;  // no softcap, no ALiBi: one multiply
+    bool plain;  // no softcap, no ALiBi
 
-    __device__ __forceinline__ float operator()(float qk, int64_t i, int64_t j, int64_t diag,
-                                                float* tanh_out = nullptr) const {
-        if (plain) return qk * scale_log2;
+    // dist = i + diag - j.
+    __device__ __forceinline__ float general(float qk, int64_t dist) const {
         float s = qk * scale;
-        if (softcap > 0.f) {
-            const float t = tanhf(s / softcap);
-            if (tanh_out) *tanh_out = t;
-            s = softcap * t;
-        }
-        const int64_t dist = i + diag - j;
-        s -= slope * float(dist < 0 ? -dist : dist);
-        return s * kLog2e;
+        if (softcap > 0.f) s = softcap * tanhf(s / softcap);
+        return (s - slope * float(dist < 0 ? -dist : dist)) * kLog2e;
+    }
+    // tanh(scale * qk / cap), recovered from general()'s result x, for the softcap derivative.
+    // Clamped so that a masked score (-inf) gives a finite factor (its probability is 0).
+    __device__ __forceinline__ float softcap_tanh(float x, int64_t dist) const {
+        const float t = (x * kLn2 + slope * float(dist < 0 ? -dist : dist)) / softcap;
+        return fminf(fmaxf(t, -1.f), 1.f);
     }
 };
 

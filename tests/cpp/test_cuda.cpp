@@ -167,7 +167,7 @@ TEST(CudaBackend, RefusesFp32WithReason) {
                                            .out = out.view(), .lse = lse.view()},
                                options_for(c, in, Backend::cuda));
     EXPECT_FALSE(s.ok);
-    EXPECT_NE(s.reason.find("supports fp16 and bf16 inputs but got f32"), std::string::npos) << s.reason;
+    EXPECT_NE(s.reason.find("supports fp16 and bf16 inputs but got float32"), std::string::npos) << s.reason;
 }
 
 }  // namespace
