@@ -3,8 +3,11 @@
 //   2. dK/dV: one block per (key block, kv head, batch), looping over the query blocks of every
 //      query head of its GQA group, so dK/dV of a kv head are summed in registers;
 //   3. dQ: one block per (query block, head, batch), looping over key blocks.
-// Splitting dQ from dK/dV recomputes S and dP once more (7 matmuls instead of FlashAttention 2's 5
-// with atomics), the design metal-flash-attention uses for GPUs without float atomics.
+// Splitting dQ from dK/dV recomputes S and dP (7 matmuls instead of FlashAttention 2's 5), the
+// design metal-flash-attention uses for GPUs without float atomics. A variant adding dQ with fp32
+// atomics from the dK/dV kernel (FlashAttention 2's way) measured slower on the H200 (hdim 128,
+// 16k: 137 against 188 TFLOP/s; docs/PERFORMANCE.md), so there is one backward and
+// `deterministic` changes nothing.
 #pragma once
 
 #include <cmath>
@@ -67,19 +70,21 @@ __device__ __forceinline__ uint32_t keep_bits(const KernelParams& p, int64_t bh,
     return bits;
 }
 
-// From scores s (log2 units, masked = -inf) and dp of kTiles C tiles: s <- P * z (for dV) and
-// dp <- dS = P * (dp * z - delta) [* (1 - tanh^2)] * scale, z = keep ? 1 / (1 - p) : 0.
+// From scores s (log2 units, or raw on the plain path; masked = -inf) and dp of kTiles C tiles:
+// s <- P * z (for dV) and dp <- dS = P * (dp * z - delta) [* (1 - tanh^2)] * scale, with
+// z = keep ? 1 / (1 - p) : 0.
 // lse2 / delta give a column's (or row's) values; dist(tile, c) = i + diag - j for softcap.
 template <int kTiles, bool kSoftcap, class Row, class Dist>
 __device__ __forceinline__ void probs_and_grads(const ScoreMod& mod, float (&s)[kTiles][4],
                                                 float (&dp)[kTiles][4], uint32_t keep, float rp,
                                                 Row lse2_delta, Dist dist) {
+    const float factor = mod.log2_factor();
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const auto [lse2, delta] = lse2_delta(tile, c);
-            const float pr = exp2f(s[tile][c] - lse2);
+            const float pr = fast_exp2(fmaf(s[tile][c], factor, -lse2));
             const float z = (keep >> (tile * 4 + c)) & 1u ? rp : 0.f;
             float ds = pr * (dp[tile][c] * z - delta);
             if constexpr (kSoftcap) {
@@ -191,12 +196,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
             const auto [i, j] = ij(qt, c);
             return i + diag - j;
         };
-        if (mod.plain) {
-#pragma unroll
-            for (int qt = 0; qt < kQT; ++qt)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) st[qt][c] *= mod.scale_log2;
-        } else {
+        if (!mod.plain) {
 #pragma unroll
             for (int qt = 0; qt < kQT; ++qt)
 #pragma unroll
@@ -356,12 +356,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
             const auto [i, j] = ij(nt, c);
             return i + diag - j;
         };
-        if (mod.plain) {
-#pragma unroll
-            for (int nt = 0; nt < kKT; ++nt)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc_s[nt][c] *= mod.scale_log2;
-        } else {
+        if (!mod.plain) {
 #pragma unroll
             for (int nt = 0; nt < kKT; ++nt)
 #pragma unroll
@@ -420,14 +415,12 @@ void launch_bwd(const KernelParams& p, cudaStream_t stream) {
         attention_bwd_delta_kernel<T><<<delta_grid, kDeltaRows * 32, 0, stream>>>(p);
         check_cuda(cudaGetLastError(), "backward preprocess kernel launch");
     }
-    if (p.dk || p.dv) {
+    const dim3 dkdv_grid(unsigned((p.Sk + Cfg::kBN - 1) / Cfg::kBN), unsigned(p.Hkv), unsigned(p.B));
+    if ((p.dk || p.dv) && !empty_grid(dkdv_grid)) {
         auto kernel = attention_bwd_dkdv_kernel<T, Cfg>;
-        const dim3 grid(unsigned((p.Sk + Cfg::kBN - 1) / Cfg::kBN), unsigned(p.Hkv), unsigned(p.B));
-        if (!empty_grid(grid)) {
-            set_smem(kernel, Cfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV)");
-            kernel<<<grid, Cfg::kThreads, Cfg::kDkvSmem, stream>>>(p);
-            check_cuda(cudaGetLastError(), "backward dK/dV kernel launch");
-        }
+        set_smem(kernel, Cfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV)");
+        kernel<<<dkdv_grid, Cfg::kThreads, Cfg::kDkvSmem, stream>>>(p);
+        check_cuda(cudaGetLastError(), "backward dK/dV kernel launch");
     }
     if (p.dq) {
         auto kernel = attention_bwd_dq_kernel<T, Cfg>;

@@ -111,14 +111,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
         // Each pass below branches once per tile, so the common path (no softcap, ALiBi, mask or
         // dropout) is straight-line code the compiler can schedule across all 64 elements.
         // Element (mf, nt, c): row warp_row0 + mf * 16 + g + 8 * (c / 2), key n0 + nt * 8 + 2t + c % 2.
-        if (mod.plain) {
-#pragma unroll
-            for (int mf = 0; mf < kMF; ++mf)
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) acc_s[mf][nt][c] *= mod.scale_log2;
-        } else {
+        if (!mod.plain) {
 #pragma unroll
             for (int mf = 0; mf < kMF; ++mf)
 #pragma unroll
@@ -149,25 +142,27 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
                         }
                 }
         }
-        // Online softmax: new row max, rescale of the running sum and output, P = exp2(s - max).
+        // Online softmax: new row max, rescale of the running sum and output, P = exp2(s - max)
+        // (row_max in log2 units; raw plain-path scores scaled inside the FMA).
+        const float factor = mod.log2_factor();
 #pragma unroll
         for (int mf = 0; mf < kMF; ++mf) {
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
-                float mx = row_max[mf][rr];
+                float mx = -INFINITY;
 #pragma unroll
                 for (int nt = 0; nt < kNT; ++nt)
                     mx = fmaxf(mx, fmaxf(acc_s[mf][nt][2 * rr], acc_s[mf][nt][2 * rr + 1]));
-                mx = quad_max(mx);
+                mx = fmaxf(row_max[mf][rr], quad_max(mx) * factor);
                 // A row with nothing visible yet keeps max -inf: subtract 0 instead (exp2 -> 0).
                 const float base = mx == -INFINITY ? 0.f : mx;
-                const float rescale = exp2f(row_max[mf][rr] - base);
+                const float rescale = fast_exp2(row_max[mf][rr] - base);
                 row_max[mf][rr] = mx;
                 float sum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < kNT; ++nt) {
-                    acc_s[mf][nt][2 * rr] = exp2f(acc_s[mf][nt][2 * rr] - base);
-                    acc_s[mf][nt][2 * rr + 1] = exp2f(acc_s[mf][nt][2 * rr + 1] - base);
+                    acc_s[mf][nt][2 * rr] = fast_exp2(fmaf(acc_s[mf][nt][2 * rr], factor, -base));
+                    acc_s[mf][nt][2 * rr + 1] = fast_exp2(fmaf(acc_s[mf][nt][2 * rr + 1], factor, -base));
                     sum += acc_s[mf][nt][2 * rr] + acc_s[mf][nt][2 * rr + 1];
                 }
                 row_sum[mf][rr] = row_sum[mf][rr] * rescale + sum;
@@ -183,6 +178,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
         if (p.dropout) {
 #pragma unroll
             for (int mf = 0; mf < kMF; ++mf) {
+                static_assert(kNT * 4 <= 32, "keep bits of one row block fit 32 bits");
                 uint32_t keep = 0;  // bit 4 * nt + c
 #pragma unroll 1
                 for (int x = 0; x < 2 * kNT; ++x) {

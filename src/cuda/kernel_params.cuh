@@ -65,12 +65,23 @@ __device__ __forceinline__ const T* row_ptr(const void* base, const Strides& st,
     return static_cast<const T*>(base) + b * st.b + token * st.s + int64_t(h) * st.h;
 }
 
-// The score transform of DESIGN.md in log2 units (ready for exp2f): s = scale * qk; softcap:
-// s = cap * tanh(s / cap); ALiBi: s -= slope * |i + diag - j|. Kernels test `plain` once per tile
-// and multiply by scale_log2 on that path, so the common case is straight-line code.
+// 2^x on the special-function unit; denormal results flush to 0 (probabilities below 1e-38).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The score transform of DESIGN.md in log2 units (ready for exp2): s = scale * qk; softcap:
+// s = cap * tanh(s / cap); ALiBi: s -= slope * |i + diag - j|. Kernels test `plain` once per tile.
+// On the plain path the raw scores stay as they are and `log2_factor()` (= scale * log2 e, > 0)
+// is folded into the exponent's FMA: exp2(qk * factor - max); otherwise general() has already
+// produced log2 units and the factor is 1.
 struct ScoreMod {
     float scale, scale_log2, softcap, slope;
-    bool plain;  // no softcap, no ALiBi
+    bool plain;  // no softcap, no ALiBi, positive scale
+
+    __device__ __forceinline__ float log2_factor() const { return plain ? scale_log2 : 1.f; }
 
     // dist = i + diag - j.
     __device__ __forceinline__ float general(float qk, int64_t dist) const {
@@ -88,7 +99,8 @@ struct ScoreMod {
 
 __device__ __forceinline__ ScoreMod score_mod(const KernelParams& p, int b, int h) {
     const float slope = p.alibi ? p.alibi[b * p.alibi_b + h * p.alibi_h] : 0.f;
-    return {p.scale, p.scale_log2, p.softcap, slope, p.softcap <= 0.f && p.alibi == nullptr};
+    return {p.scale, p.scale_log2, p.softcap, slope,
+            p.softcap <= 0.f && p.alibi == nullptr && p.scale > 0.f};
 }
 
 // Dropout word j % 4 of a Philox output, by selects: a run-time array index would put the four

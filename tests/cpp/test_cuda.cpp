@@ -64,7 +64,8 @@ Tensor poisoned(const std::vector<int64_t>& shape, DType dt, Layout layout) {
 
 struct CudaRun {
     Result result;
-    std::vector<double> dq_again;  // a second backward, for the determinism check
+    // A second backward (deterministic mode asked for; the backward is always deterministic).
+    std::vector<double> dq_det, dq_det_again;
     std::string refused;           // supports()'s reason when the backend refuses the case
 };
 
@@ -80,7 +81,7 @@ CudaRun run_cuda(const Case& c, Inputs& in, DType dt) {
     if (c.varlen()) o.cu_seqlens_q = cu_q.view(), o.cu_seqlens_k = cu_k.view();
 
     const ForwardArgs fwd{.q = q.view(), .k = k.view(), .v = v.view(), .out = out.view(), .lse = lse.view()};
-    if (const Support s = supports(fwd, o); !s.ok) return {{}, {}, s.reason};
+    if (const Support s = supports(fwd, o); !s.ok) return {{}, {}, {}, s.reason};
     forward(fwd, o);
     const BackwardArgs args{.q = q.view(), .k = k.view(), .v = v.view(), .out = out.view(),
                             .dout = dout.view(), .lse = lse.view(), .dq = dq.view(),
@@ -91,11 +92,15 @@ CudaRun run_cuda(const Case& c, Inputs& in, DType dt) {
     backward(args, o, {ws, ws_bytes});
     cuda_ok(cudaDeviceSynchronize(), "kernels");
     for (Mirror* m : {&out, &lse, &dq, &dk, &dv}) m->copy_back();
-    CudaRun r{{out_h.values(), lse_h.values(), dq_h.values(), dk_h.values(), dv_h.values()}, {}, {}};
-    backward(args, o, {ws, ws_bytes});
-    cuda_ok(cudaDeviceSynchronize(), "kernels (second backward)");
-    dq.copy_back();
-    r.dq_again = dq_h.values();
+    CudaRun r{{out_h.values(), lse_h.values(), dq_h.values(), dk_h.values(), dv_h.values()}, {}, {}, {}};
+    AttentionOptions det = o;
+    det.deterministic = true;
+    for (std::vector<double>* dst : {&r.dq_det, &r.dq_det_again}) {
+        backward(args, det, {ws, ws_bytes});
+        cuda_ok(cudaDeviceSynchronize(), "kernels (deterministic backward)");
+        dq.copy_back();
+        *dst = dq_h.values();
+    }
     cudaFree(ws);
     return r;
 }
@@ -141,8 +146,9 @@ TEST_P(CudaVsReference, ForwardAndGradients) {
     expect_close("dq", got.result.dq, ref.dq, 3 * tol);
     expect_close("dk", got.result.dk, ref.dk, 3 * tol);
     expect_close("dv", got.result.dv, ref.dv, 3 * tol);
-    // The backward has no atomics: a second run is bitwise identical.
-    EXPECT_EQ(0, std::memcmp(got.dq_again.data(), got.result.dq.data(), got.dq_again.size() * sizeof(double)));
+    // Bitwise repeatable, and identical with or without `deterministic`.
+    EXPECT_EQ(0, std::memcmp(got.dq_det.data(), got.result.dq.data(), got.dq_det.size() * sizeof(double)));
+    EXPECT_EQ(0, std::memcmp(got.dq_det.data(), got.dq_det_again.data(), got.dq_det.size() * sizeof(double)));
 }
 
 std::vector<Param> cuda_params() {
