@@ -141,11 +141,37 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def table(path: Path, bwd_key: str = "bwd") -> str:
+    """A markdown table of a JSON this script wrote (TFLOP/s; x = Orchard / peer)."""
+    data = json.loads(path.read_text())
+    ceiling = data["meta"]["matmul_ceiling_tflops"]
+    lines = ["| case | S | Orchard fwd / bwd | of ceiling | flash fwd / bwd | x flash | "
+             "cuDNN fwd / bwd | x cuDNN |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        o = r["orchard"]
+        of, ob = o["fwd_tflops"], o[f"{bwd_key}_tflops"]
+        cells = [r["name"], str(r["S"]), f"{of:.0f} / {ob:.0f}", f"{of / ceiling:.2f} / {ob / ceiling:.2f}"]
+        for peer in PEERS:
+            p = r[peer]
+            if "error" in p:
+                cells += ["n/a", "n/a"]
+            else:
+                cells += [f"{p['fwd_tflops']:.0f} / {p['bwd_tflops']:.0f}",
+                          f"{of / p['fwd_tflops']:.2f} / {ob / p['bwd_tflops']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--quick", action="store_true", help="fewer sequence lengths")
+    ap.add_argument("--table", type=Path, help="print a markdown table of this JSON and exit")
+    ap.add_argument("--bwd-key", default="bwd", help="with --table: the backward column to show")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table, args.bwd_key))
+        return
     ceiling = matmul_ceiling()
     rows = []
     for case in cases(args.quick):
