@@ -112,7 +112,7 @@ class _Plan:
     scale: float | None
     causal: bool
     left: int  # window; -1 = unbounded
-    right: int
+    right: int  # 0 when causal
     dropout_p: float
     rng: torch.Tensor  # int64 (2,) on the CPU: Philox (seed, offset), the same on every rank
 
@@ -130,9 +130,8 @@ class _Plan:
         for qc in _chunks(self.layout, self.rank, self.world, self.s_local):
             for kc in _chunks(self.layout, src, self.world, self.s_local):
                 # Key J is visible to query I iff I - left <= J <= I + right (equal lengths, so
-                # Sk - Sq = 0): test the nearest corners of the block.
-                right = 0 if self.causal else self.right
-                if right >= 0 and kc.position > qc.position + qc.length - 1 + right:
+                # Sk - Sq = 0; causal has right = 0): test the nearest corners of the block.
+                if self.right >= 0 and kc.position > qc.position + qc.length - 1 + self.right:
                     continue
                 if self.left >= 0 and kc.position + kc.length - 1 < qc.position - self.left:
                     continue
@@ -151,22 +150,31 @@ class _Plan:
                          0, self.dropout_p, self.scale, self.causal, self.left, self.right, 0.0,
                          None, self.rng, False, True, True, True, _OP, qc.position, kc.position)
 
-    def exchange(self, tensors, tag: int):
+    def exchange(self, tensors, tag: int) -> _Transfer:
         """Starts sending `tensors` to the next rank and receiving their like from the previous
-        one; returns a function that waits and gives the received tensors."""
+        one (tags tag, tag + 1, ... keep concurrent transfers apart on gloo)."""
         received = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group, tag + i)
                for i, t in enumerate(tensors)]
         ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group, tag + i)
                 for i, t in enumerate(received)]
-        works = dist.batch_isend_irecv(ops)
+        return _Transfer(tensors, received, dist.batch_isend_irecv(ops))
 
-        def wait():
-            for w in works:
-                w.wait()
-            return received
 
-        return wait
+@dataclasses.dataclass
+class _Transfer:
+    """Tensors on their way around the ring. The sent ones are held until the transfer is
+    waited for, so their memory cannot be reused while in flight."""
+
+    sent: list
+    received: list
+    works: list
+
+    def wait(self) -> list:
+        for w in self.works:
+            w.wait()
+        self.sent = None
+        return self.received
 
 
 def _rows(x: torch.Tensor, c: _Chunk) -> torch.Tensor:
@@ -283,7 +291,7 @@ def _ring_forward(q, k, v, plan: _Plan):
             out_b, lse_b = plan.fwd(q, *kv, qc, kc)
             _merge(_rows(out, qc), lse[:, :, qc.start:qc.start + qc.length], out_b, lse_b)
         if pending is not None:
-            kv = pending()
+            kv = pending.wait()
     return out.to(q.dtype), lse.masked_fill(lse == -math.inf, math.inf)
 
 
@@ -304,16 +312,16 @@ def _ring_backward(dout, q, k, v, out, lse, plan: _Plan):
             blocks.append((kc, dk_b, dv_b))
         # The accumulators of the block in hand arrive from the previous rank meanwhile.
         if dkv_pending is not None:
-            dkv = dkv_pending()
+            dkv = dkv_pending.wait()
         for kc, dk_b, dv_b in blocks:
             _rows(dkv[0], kc).add_(dk_b)
             _rows(dkv[1], kc).add_(dv_b)
         if plan.world > 1:
             dkv_pending = plan.exchange(dkv, tag=2)
         if kv_pending is not None:
-            kv = kv_pending()
+            kv = kv_pending.wait()
     if dkv_pending is not None:
-        dkv = dkv_pending()  # our own block's, back from the last rank that held it
+        dkv = dkv_pending.wait()  # our own block's, back from the last rank that held it
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
