@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import time
+from pathlib import Path
 
 import orchard
 import pytest
@@ -146,6 +148,39 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_matches_one_process(world, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
+
+
+def _failing_worker(rank: int, init_file: str, report: str) -> None:
+    """Rank 1 fails inside the ring (before its first send); rank 0 must raise once the process
+    group's 5 s timeout has passed. Each rank writes what it raised to `report`.rank."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=5))
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise MemoryError("injected failure")
+        orchard.distributed._Plan.exchange = broken
+    start = time.monotonic()
+    try:
+        q = torch.randn(1, 8, 2, 8)
+        ring_flash_attn_func(q, q, q, causal=True)
+        outcome = "returned"
+    except Exception as e:  # noqa: BLE001 - what each rank raised is the result
+        outcome = f"{type(e).__name__} after {time.monotonic() - start:.0f} s: {e}"
+    Path(f"{report}.{rank}").write_text(outcome)
+    if rank == 1:  # stay alive, so that rank 0 meets the timeout rather than a closed socket
+        while not Path(f"{report}.0").exists() and time.monotonic() - start < 60:
+            time.sleep(0.1)
+    dist.destroy_process_group()
+
+
+def test_a_failed_rank_does_not_hang_the_others(tmp_path):
+    report = str(tmp_path / "outcome")
+    mp.spawn(_failing_worker, args=(str(tmp_path / "store"), report), nprocs=2, join=True)
+    rank0, rank1 = (Path(f"{report}.{r}").read_text() for r in (0, 1))
+    assert rank1.startswith("MemoryError") and "injected failure" in rank1, rank1
+    assert rank0.startswith(("RuntimeError", "DistBackendError")), rank0
+    assert "Timed out" in rank0 or "timed out" in rank0, rank0
 
 
 def test_needs_an_initialized_process_group():
