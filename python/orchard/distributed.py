@@ -137,18 +137,35 @@ class _Plan:
                     continue
                 yield qc, kc
 
+    def mask(self, qc: _Chunk, kc: _Chunk) -> tuple[bool, int, int, int, int]:
+        """(causal, left, right, q_position_offset, k_position_offset) of a chunk pair's call.
+        Positions matter only to dropout and to a window cutting through an off-diagonal
+        pair; elsewhere an equal call without them is used (a fully visible pair: no mask; a
+        diagonal pair: its local mask is the global one), so that backends without position
+        offsets (CUDA for now) run the ring for causal attention."""
+        if self.dropout_p == 0.0:
+            q_last, k_last = qc.position + qc.length - 1, kc.position + kc.length - 1
+            if ((self.right < 0 or k_last <= qc.position + self.right) and
+                    (self.left < 0 or kc.position >= q_last - self.left)):
+                return False, -1, -1, 0, 0
+            if qc.position == kc.position:
+                return self.causal, self.left, self.right, 0, 0
+        return self.causal, self.left, self.right, qc.position, kc.position
+
     def fwd(self, q, k, v, qc: _Chunk, kc: _Chunk):
         """(out, lse) of a query chunk of q against a key chunk of k / v."""
+        causal, left, right, q_pos, k_pos = self.mask(qc, kc)
         return _ops.call(_ops.ops.fwd, _rows(q, qc), _rows(k, kc), _rows(v, kc), None, None, 0,
-                         0, self.dropout_p, self.scale, self.causal, self.left, self.right, 0.0,
-                         None, self.rng, False, _OP, qc.position, kc.position)
+                         0, self.dropout_p, self.scale, causal, left, right, 0.0, None, self.rng,
+                         False, _OP, q_pos, k_pos)
 
     def bwd(self, dout, q, k, v, out, lse, qc: _Chunk, kc: _Chunk):
         """(dq, dk, dv) of one chunk pair, given the merged out / lse of the query chunk."""
+        causal, left, right, q_pos, k_pos = self.mask(qc, kc)
         return _ops.call(_ops.ops.bwd, _rows(dout, qc), _rows(q, qc), _rows(k, kc), _rows(v, kc),
                          _rows(out, qc), lse[:, :, qc.start:qc.start + qc.length], None, None, 0,
-                         0, self.dropout_p, self.scale, self.causal, self.left, self.right, 0.0,
-                         None, self.rng, False, True, True, True, _OP, qc.position, kc.position)
+                         0, self.dropout_p, self.scale, causal, left, right, 0.0, None, self.rng,
+                         False, True, True, True, _OP, q_pos, k_pos)
 
     def exchange(self, tensors, tag: int) -> _Transfer:
         """Starts sending `tensors` to the next rank and receiving their like from the previous

@@ -80,6 +80,10 @@ BackendSupport supports(const AttentionParams& p, Direction direction) {
     auto no = [](std::string why) { return BackendSupport{false, "the CUDA backend " + why}; };
     if (p.dtype != DType::f16 && p.dtype != DType::bf16)
         return no(std::string("supports fp16 and bf16 inputs but got ") + to_string(p.dtype));
+    if (p.q_position_offset != 0 || p.k_position_offset != 0)
+        return no("does not support q_position_offset / k_position_offset yet but got (" +
+                  std::to_string(p.q_position_offset) + ", " +
+                  std::to_string(p.k_position_offset) + ")");
     if (p.D != p.Dv)
         return no("needs equal head dims for q/k and v but got D = " + std::to_string(p.D) +
                   ", Dv = " + std::to_string(p.Dv));

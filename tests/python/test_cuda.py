@@ -182,6 +182,10 @@ def test_refusals_are_clear():
     q = torch.randn(1, 16, 2, 36, device="cuda", dtype=torch.float16)
     with pytest.raises(NotImplementedError, match="multiples of 8"):
         orchard.flash_attn_func(q, q, q)
+    q = torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(NotImplementedError, match=r"CUDA backend does not support "
+                       r"q_position_offset / k_position_offset yet but got \(16, 0\)"):
+        fwd_op(q, q, q, q_position_offset=16)
 
 
 def test_sdpa_compatible_function_on_cuda():

@@ -197,3 +197,21 @@ def test_zigzag_layout_positions():
         [(3, 3, 0), (18, 3, 3)]
     assert [(c.position, c.length, c.start) for c in _chunks("contiguous", 2, 4, 6)] == \
         [(12, 6, 0)]
+
+
+def test_positions_are_passed_only_where_they_matter():
+    """Calls carry position offsets only for dropout and for windows cutting an off-diagonal
+    chunk pair (backends without offsets, CUDA for now, then run causal rings); otherwise an
+    equal call: no mask for a fully visible pair, the local mask for a diagonal pair."""
+    from orchard.distributed import _Chunk, _Plan
+
+    def mask(q_pos, k_pos, causal=True, left=-1, right=0, dropout_p=0.0):
+        plan = _Plan(None, 0, 2, "zigzag", 8, None, causal, left, right, dropout_p, None)
+        return plan.mask(_Chunk(q_pos, 4, 0), _Chunk(k_pos, 4, 4))
+
+    assert mask(8, 8) == (True, -1, 0, 0, 0)  # diagonal
+    assert mask(8, 0) == (False, -1, -1, 0, 0)  # every key before every query
+    assert mask(8, 4, left=6) == (True, 6, 0, 8, 4)  # the window cuts the pair
+    assert mask(8, 0, left=11) == (False, -1, -1, 0, 0)  # the window spans the whole pair
+    assert mask(8, 0, dropout_p=0.1) == (True, -1, 0, 8, 0)  # dropout keys on positions
+    assert mask(0, 8, causal=False, right=-1) == (False, -1, -1, 0, 0)
