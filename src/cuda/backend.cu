@@ -31,6 +31,7 @@ KernelParams make_kernel_params(const AttentionParams& a) {
     p.softcap = float(a.softcap);
     p.alibi = a.alibi_slopes, p.alibi_b = a.alibi_b, p.alibi_h = a.alibi_h;
     p.window_left = a.window_left, p.window_right = a.window_right;
+    p.q_pos = a.q_position_offset, p.k_pos = a.k_position_offset;
     p.dropout = a.dropout, p.keep_threshold = a.keep_threshold;
     p.rp_dropout = float(a.rp_dropout), p.seed = a.seed, p.offset = a.offset;
     p.delta = static_cast<float*>(a.workspace);
@@ -80,10 +81,6 @@ BackendSupport supports(const AttentionParams& p, Direction direction) {
     auto no = [](std::string why) { return BackendSupport{false, "the CUDA backend " + why}; };
     if (p.dtype != DType::f16 && p.dtype != DType::bf16)
         return no(std::string("supports fp16 and bf16 inputs but got ") + to_string(p.dtype));
-    if (p.q_position_offset != 0 || p.k_position_offset != 0)
-        return no("does not support q_position_offset / k_position_offset yet but got (" +
-                  std::to_string(p.q_position_offset) + ", " +
-                  std::to_string(p.k_position_offset) + ")");
     if (p.D != p.Dv)
         return no("needs equal head dims for q/k and v but got D = " + std::to_string(p.D) +
                   ", Dv = " + std::to_string(p.Dv));
