@@ -46,6 +46,9 @@ struct Inputs {
 };
 
 Inputs make_inputs(const Case& c, DType dt, uint32_t seed = 1);
+// `v` as the backend's device sees it: Metal views name a buffer + byte offset (in the emulator
+// build the buffer handle is the host allocation itself).
+TensorView on_backend(TensorView v, Backend backend);
 AttentionOptions options_for(const Case& c, Inputs& in, Backend backend);
 // Runs forward then backward (dout from the inputs) on `backend` with `dt` storage.
 Result run_case(const Case& c, Inputs& in, DType dt, Backend backend);
