@@ -40,7 +40,7 @@ inline constexpr int head_dim_bucket(int d) { return d <= 64 ? 64 : (d <= 128 ? 
 // Rows of the *other* operand staged per step as fp32 in threadgroup memory: keys (K and V
 // blocks) in the forward and dQ kernels, queries (Q and dO blocks) in the dK/dV kernel. Both
 // blocks together take block * (D + Dv) * 4 bytes = 16 KiB at the bucket's head dim, so with the
-// per-simdgroup score tiles every kernel stays under 26 KiB, below Apple GPUs' 32 KiB of
+// per-simdgroup tiles every kernel stays at or under 25.3 KiB, below Apple GPUs' 32 KiB of
 // threadgroup memory per threadgroup:
 //   D <= 64:  32 (a 32-wide score row = 4 lanes x 8 columns per row of a simdgroup)
 //   D <= 128: 16
@@ -49,27 +49,28 @@ inline constexpr int block_other(int dmax) { return dmax <= 64 ? 32 : (dmax <= 1
 
 // Threadgroup memory layouts, in floats, identical on host (allocation) and kernel (offsets).
 // Forward and dQ: K block (bk, D), V block (bk, Dv), then per simdgroup: two score tiles
-// (8, bk) and a staging tile (8, 8) for device <-> simdgroup_matrix copies and the diagonal.
+// (8, bk) (the forward uses one) and a staging tile (8, 8) for device <-> simdgroup_matrix
+// copies and the diagonal matrices.
 struct SmemLayout {
     int k, v, sg0, sg_stride, total;
 };
-inline SmemLayout smem_layout_by_keys(int bk, int d, int dv) {
-    SmemLayout l;
+inline constexpr SmemLayout smem_layout_by_keys(int bk, int d, int dv) {
+    SmemLayout l = {0, 0, 0, 0, 0};
     l.k = 0;
     l.v = bk * d;
     l.sg0 = l.v + bk * dv;
-    l.sg_stride = 2 * 8 * bk + 2 * 64;
+    l.sg_stride = 2 * 8 * bk + 64;
     l.total = l.sg0 + kSimdgroups * l.sg_stride;
     return l;
 }
 // dK/dV: Q block (bq, D) at `k`, dO block (bq, Dv) at `v`, lse and D = rowsum(dO * O) of the
 // block (2 * bq) before the per-simdgroup tiles.
-inline SmemLayout smem_layout_by_queries(int bq, int d, int dv) {
-    SmemLayout l;
+inline constexpr SmemLayout smem_layout_by_queries(int bq, int d, int dv) {
+    SmemLayout l = {0, 0, 0, 0, 0};
     l.k = 0;
     l.v = bq * d;
     l.sg0 = l.v + bq * dv + 2 * bq;
-    l.sg_stride = 2 * 8 * bq + 2 * 64;
+    l.sg_stride = 2 * 8 * bq + 64;
     l.total = l.sg0 + kSimdgroups * l.sg_stride;
     return l;
 }

@@ -10,6 +10,14 @@ namespace {
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
+// Apple GPUs give a threadgroup at most 32 KiB; check every bucket at its largest head dim.
+constexpr bool fits_32k(int dmax) {
+    const int b = msl::block_other(dmax);
+    return msl::smem_layout_by_keys(b, dmax, dmax).total * 4 <= 32768 &&
+           msl::smem_layout_by_queries(b, dmax, dmax).total * 4 <= 32768;
+}
+static_assert(fits_32k(64) && fits_32k(128) && fits_32k(256));
+
 uint32_t blocks_of(int64_t n) { return uint32_t((n + msl::kBlockRows - 1) / msl::kBlockRows); }
 
 void copy_strides(int64_t* dst, const Strides& st) {
