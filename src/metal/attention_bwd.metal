@@ -53,8 +53,7 @@ template <typename T, int DMAX>
                                    device const int32_t* cu_q [[buffer(9)]],
                                    device const int32_t* cu_k [[buffer(10)]],
                                    device const float* alibi [[buffer(11)]],
-                                   threadgroup float* smem [[threadgroup(0)]],
-                                   uint3 tgid [[threadgroup_position_in_grid]],
+                                        uint3 tgid [[threadgroup_position_in_grid]],
                                    uint tid [[thread_index_in_threadgroup]],
                                    ushort sg [[simdgroup_index_in_threadgroup]],
                                    ushort lane [[thread_index_in_simdgroup]]) {
@@ -70,6 +69,9 @@ template <typename T, int DMAX>
     const Span rows = queries_seeing(jb, min(jb + kBlockRows, seq.sk), diag, p.window_left,
                                      p.window_right, seq.sq);
 
+    enum { SMEM = smem_layout_by_queries(BQ, DMAX, DMAX).total };  // static: see the forward
+    static_assert(SMEM * 4 <= 32768, "Apple GPUs give a threadgroup at most 32 KiB");
+    threadgroup float smem[SMEM];
     const SmemLayout L = smem_layout_by_queries(BQ, D, Dv);
     threadgroup float* tQ = smem + L.k;                         // (BQ, D)
     threadgroup float* tdO = smem + L.v;                        // (BQ, Dv)
@@ -199,8 +201,7 @@ template <typename T, int DMAX>
                                  device const int32_t* cu_q [[buffer(8)]],
                                  device const int32_t* cu_k [[buffer(9)]],
                                  device const float* alibi [[buffer(10)]],
-                                 threadgroup float* smem [[threadgroup(0)]],
-                                 uint3 tgid [[threadgroup_position_in_grid]],
+                                    uint3 tgid [[threadgroup_position_in_grid]],
                                  uint tid [[thread_index_in_threadgroup]],
                                  ushort sg [[simdgroup_index_in_threadgroup]],
                                  ushort lane [[thread_index_in_simdgroup]]) {
@@ -216,6 +217,9 @@ template <typename T, int DMAX>
     const long j_lo = visible_keys(i0, diag, p.window_left, p.window_right, seq.sk).lo;
     const long j_hi = visible_keys(last, diag, p.window_left, p.window_right, seq.sk).hi;
 
+    enum { SMEM = smem_layout_by_keys(BK, DMAX, DMAX).total };  // static: see the forward
+    static_assert(SMEM * 4 <= 32768, "Apple GPUs give a threadgroup at most 32 KiB");
+    threadgroup float smem[SMEM];
     const SmemLayout L = smem_layout_by_keys(BK, D, Dv);
     threadgroup float* tK = smem + L.k;                       // (BK, D)
     threadgroup float* tV = smem + L.v;                       // (BK, Dv)

@@ -22,7 +22,6 @@ template <typename T, int DMAX>
                               device const int32_t* cu_q [[buffer(6)]],
                               device const int32_t* cu_k [[buffer(7)]],
                               device const float* alibi [[buffer(8)]],
-                              threadgroup float* smem [[threadgroup(0)]],
                               uint3 tgid [[threadgroup_position_in_grid]],
                               uint tid [[thread_index_in_threadgroup]],
                               ushort sg [[simdgroup_index_in_threadgroup]],
@@ -40,6 +39,11 @@ template <typename T, int DMAX>
     const long j_lo = visible_keys(i0, diag, p.window_left, p.window_right, seq.sk).lo;
     const long j_hi = visible_keys(last, diag, p.window_left, p.window_right, seq.sk).hi;
 
+    // Sized for the bucket's largest head dim (threadgroup memory is static so that hosts that
+    // cannot set its length, like torch.mps.compile_shader, can launch the kernel).
+    enum { SMEM = smem_layout_by_keys(BK, DMAX, DMAX).total };
+    static_assert(SMEM * 4 <= 32768, "Apple GPUs give a threadgroup at most 32 KiB");
+    threadgroup float smem[SMEM];
     const SmemLayout L = smem_layout_by_keys(BK, D, Dv);
     threadgroup float* tK = smem + L.k;                      // (BK, D)
     threadgroup float* tV = smem + L.v;                      // (BK, Dv)

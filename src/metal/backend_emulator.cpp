@@ -113,7 +113,7 @@ void attention_fwd_metal(const AttentionParams& p) {
     const msl::KernelParams kp = kernel_params(p);
     const Buffers bufs(p);
     const orchard_emu::Launch launch{kernel_name("attention_fwd", p), dims(grid_by_queries(p)),
-                                     msl::kThreads, smem_bytes_by_keys(p) / sizeof(float)};
+                                     msl::kThreads};
     const ByteOffsets& o = p.offsets;
     run("forward", [&] {
         dispatch_kernel(p, [&](auto tag, auto dmax) {
@@ -126,9 +126,9 @@ void attention_fwd_metal(const AttentionParams& p) {
             const auto cu_k = view<const int32_t>(p.cu_seqlens_k, o.cu_seqlens_k, bufs.cu_k);
             const auto alibi = view<const float>(p.alibi_slopes, o.alibi_slopes, bufs.alibi);
             orchard_emu::dispatch(launch, [&](const orchard_emu::ThreadIds& id,
-                                              checked_ptr<float> smem) {
+                                              checked_ptr<float>) {
                 msl::attention_fwd<T, decltype(dmax)::value>(kp, q, k, v, out, lse, cu_q, cu_k,
-                                                             alibi, smem, id.tgid, id.tid, id.sg,
+                                                             alibi, id.tgid, id.tid, id.sg,
                                                              id.lane);
             });
         });
@@ -149,11 +149,11 @@ void attention_bwd_metal(const AttentionParams& p) {
     const ByteOffsets& o = p.offsets;
     const orchard_emu::Launch pre{std::string("attention_bwd_preprocess_") +
                                       msl_type_name(p.dtype),
-                                  dims(grid_by_queries(p)), msl::kThreads, 0};
+                                  dims(grid_by_queries(p)), msl::kThreads};
     const orchard_emu::Launch dkdv{kernel_name("attention_bwd_dkdv", p), dims(grid_by_keys(p)),
-                                   msl::kThreads, smem_bytes_by_queries(p) / sizeof(float)};
+                                   msl::kThreads};
     const orchard_emu::Launch dq{kernel_name("attention_bwd_dq", p), dims(grid_by_queries(p)),
-                                 msl::kThreads, smem_bytes_by_keys(p) / sizeof(float)};
+                                 msl::kThreads};
     run("backward", [&] {
         dispatch_kernel(p, [&](auto tag, auto dmax) {
             using T = decltype(tag);
@@ -175,16 +175,16 @@ void attention_bwd_metal(const AttentionParams& p) {
             });
             if (p.dk || p.dv)
                 orchard_emu::dispatch(dkdv, [&](const orchard_emu::ThreadIds& id,
-                                                checked_ptr<float> smem) {
+                                                checked_ptr<float>) {
                     msl::attention_bwd_dkdv<T, DMAX>(kp, q, k, v, dout, lse, delta, dk_out,
-                                                     dv_out, cu_q, cu_k, alibi, smem, id.tgid,
+                                                     dv_out, cu_q, cu_k, alibi, id.tgid,
                                                      id.tid, id.sg, id.lane);
                 });
             if (p.dq)
                 orchard_emu::dispatch(dq, [&](const orchard_emu::ThreadIds& id,
-                                              checked_ptr<float> smem) {
+                                              checked_ptr<float>) {
                     msl::attention_bwd_dq<T, DMAX>(kp, q, k, v, dout, lse, delta, dq_out, cu_q,
-                                                   cu_k, alibi, smem, id.tgid, id.tid, id.sg,
+                                                   cu_k, alibi, id.tgid, id.tid, id.sg,
                                                    id.lane);
                 });
         });

@@ -10,14 +10,6 @@ namespace {
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
-// Apple GPUs give a threadgroup at most 32 KiB; check every bucket at its largest head dim.
-constexpr bool fits_32k(int dmax) {
-    const int b = msl::block_other(dmax);
-    return msl::smem_layout_by_keys(b, dmax, dmax).total * 4 <= 32768 &&
-           msl::smem_layout_by_queries(b, dmax, dmax).total * 4 <= 32768;
-}
-static_assert(fits_32k(64) && fits_32k(128) && fits_32k(256));
-
 uint32_t blocks_of(int64_t n) { return uint32_t((n + msl::kBlockRows - 1) / msl::kBlockRows); }
 
 void copy_strides(int64_t* dst, const Strides& st) {
@@ -112,15 +104,6 @@ Grid grid_by_queries(const AttentionParams& p) {
 }
 Grid grid_by_keys(const AttentionParams& p) {
     return {blocks_of(p.Sk), uint32_t(p.Hkv), uint32_t(p.B)};
-}
-
-size_t smem_bytes_by_keys(const AttentionParams& p) {
-    const int bk = msl::block_other(bucket(p));
-    return size_t(msl::smem_layout_by_keys(bk, int(p.D), int(p.Dv)).total) * sizeof(float);
-}
-size_t smem_bytes_by_queries(const AttentionParams& p) {
-    const int bq = msl::block_other(bucket(p));
-    return size_t(msl::smem_layout_by_queries(bq, int(p.D), int(p.Dv)).total) * sizeof(float);
 }
 
 }  // namespace orchard::metal_host

@@ -1,5 +1,6 @@
 // Host side of the Metal backend shared by every host path (the emulator build and the
 // Objective-C++ one): what the kernels support, their constant buffer, names, grids, scratch.
+// (Threadgroup memory is declared statically in the kernels: no host sets its length.)
 #pragma once
 
 #include <cstdint>
@@ -29,9 +30,5 @@ struct Grid {
 };
 Grid grid_by_queries(const AttentionParams& p);
 Grid grid_by_keys(const AttentionParams& p);
-
-// Threadgroup memory in bytes of the forward / dQ and of the dK/dV kernels.
-size_t smem_bytes_by_keys(const AttentionParams& p);
-size_t smem_bytes_by_queries(const AttentionParams& p);
 
 }  // namespace orchard::metal_host

@@ -41,11 +41,12 @@ namespace selftest {
     out[6 * tid + 5] = simd_broadcast(x + 100.0f, ushort(9));
 }
 
-// Threads reverse a threadgroup array through a barrier: right only if the barrier holds.
+// Threads reverse a threadgroup array (declared in the kernel, shared by the threadgroup)
+// through a barrier: right only if the barrier holds and the array is one per threadgroup.
 [[kernel]] void reverse(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
-                        threadgroup float* smem [[threadgroup(0)]],
                         uint tid [[thread_index_in_threadgroup]],
                         uint3 tgid [[threadgroup_position_in_grid]]) {
+    threadgroup float smem[64];
     const uint n = 64, base = tgid.x * n;
     smem[tid] = in[base + tid];
     threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -77,12 +77,12 @@ TEST(Emulator, SimdFunctionsFollowMsl) {
     }
 }
 
-TEST(Emulator, ThreadgroupBarrierOrdersThreadgroupMemory) {
+TEST(Emulator, ThreadgroupArrayIsSharedAndOrderedByBarrier) {
     std::vector<float> in(3 * 64), out(3 * 64);
     for (size_t i = 0; i < in.size(); ++i) in[i] = float(i);
     const Buffer bi = buffer_of("in", in), bo = buffer_of("out", out);
-    dispatch({"reverse", {3, 1, 1}, 64, 64}, [&](const ThreadIds& id, checked_ptr<float> smem) {
-        selftest::reverse({in.data(), &bi}, {out.data(), &bo}, smem, id.tid, id.tgid);
+    dispatch({"reverse", {3, 1, 1}, 64, 0}, [&](const ThreadIds& id, checked_ptr<float>) {
+        selftest::reverse({in.data(), &bi}, {out.data(), &bo}, id.tid, id.tgid);
     });
     for (int g = 0; g < 3; ++g)
         for (int t = 0; t < 64; ++t) EXPECT_EQ(out[g * 64 + t], float(g * 64 + 63 - t));

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <sstream>
 #include <vector>
 
@@ -57,6 +58,14 @@ struct Fiber {
     void* fake_stack = nullptr;
     char* stack = nullptr;
     unsigned simd_seq = 0;  // exchanges done, selecting one of two slot sets
+    size_t arrays = 0;      // threadgroup arrays declared so far
+};
+
+// A threadgroup array declared in the kernel (threadgroup_alloc).
+struct Array {
+    std::vector<float> data;  // floats: aligned for every MSL scalar the kernels use
+    size_t bytes = 0;
+    Buffer buffer;
 };
 
 // Stacks reused by every threadgroup this OS thread runs (mmap: untouched pages cost nothing).
@@ -84,6 +93,7 @@ struct Group {
     std::vector<Fiber> fibers;
     std::vector<uint64_t> slots;  // simd exchange values: [2][simdgroups][32]
     checked_ptr<float> smem;
+    std::vector<std::unique_ptr<Array>> arrays;  // stable addresses: Buffers are referenced
     ucontext_t scheduler;
     const void* scheduler_stack = nullptr;
     size_t scheduler_stack_size = 0;
@@ -290,6 +300,28 @@ void* report_out_of_bounds(const Buffer* buffer, const char* address, size_t byt
     return g_sink;
 }
 
+void* threadgroup_alloc(size_t bytes, const Buffer** buffer) {
+    Group& g = *g_group;
+    Fiber& f = g.fibers[g.current];
+    const size_t k = f.arrays++;
+    if (k == g.arrays.size()) {
+        auto a = std::make_unique<Array>();
+        a->data.assign((bytes + sizeof(float) - 1) / sizeof(float),
+                       std::numeric_limits<float>::quiet_NaN());  // undefined on the GPU
+        a->bytes = bytes;
+        const char* lo = reinterpret_cast<const char*>(a->data.data());
+        a->buffer = {"threadgroup array " + std::to_string(k), lo, lo + bytes};
+        g.arrays.push_back(std::move(a));
+    }
+    Array& a = *g.arrays[k];
+    if (a.bytes != bytes)
+        report(g, "thread " + std::to_string(g.current) + " declares threadgroup array " +
+                      std::to_string(k) + " with " + std::to_string(bytes) +
+                      " bytes but another thread with " + std::to_string(a.bytes));
+    *buffer = &a.buffer;
+    return a.data.data();
+}
+
 unsigned current_lane() { return unsigned(g_group->current % kSimdWidth); }
 
 void threadgroup_barrier(std::source_location where) {
@@ -341,6 +373,7 @@ void dispatch(const Launch& launch, const KernelBody& body) {
                 // memory visible in results.
                 std::fill(smem.begin(), smem.end(), std::numeric_limits<float>::quiet_NaN());
                 g.tgid = {x, y, z};
+                g.arrays.clear();
                 run_group(g);
             }
     g_group = outer;

@@ -95,7 +95,9 @@ struct Launch {
     std::string kernel;      // for messages
     uint3 grid;              // threadgroups per dimension
     unsigned threads = 0;    // per threadgroup, a multiple of 32
-    size_t threadgroup_floats = 0;  // threadgroup memory, filled with NaN for each threadgroup
+    // Threadgroup memory passed as the kernel's [[threadgroup(0)]] argument (`smem` below),
+    // filled with NaN for each threadgroup. Arrays declared in the kernel need none of this.
+    size_t threadgroup_floats = 0;
 };
 
 // Runs body once per thread of every threadgroup (threadgroups one after another; the threads
@@ -114,6 +116,16 @@ void threadgroup_barrier(std::source_location where);
 // the simdgroup must reach the same call. `value` is published to the other lanes; the
 // returned array holds all 32 lanes' values (valid until this lane's next exchange).
 const uint64_t* simd_exchange(uint64_t value, std::source_location where);
+
+// A `threadgroup T name[n];` declared in a kernel: the k-th such declaration a thread executes
+// is the threadgroup's k-th array (created, filled with NaN bytes, by the first thread there).
+void* threadgroup_alloc(size_t bytes, const Buffer** buffer);
+template <class T>
+checked_ptr<T> threadgroup_array(size_t n) {
+    const Buffer* buffer = nullptr;
+    T* data = static_cast<T*>(threadgroup_alloc(n * sizeof(T), &buffer));
+    return checked_ptr<T>(data, buffer);
+}
 
 template <class T>
 uint64_t to_bits(T x) {
