@@ -2,7 +2,11 @@
 #include "metal/launch.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
+
+#include "core/validate.h"
+#include "orchard/metal.h"
 
 namespace orchard::metal_host {
 namespace {
@@ -106,4 +110,41 @@ Grid grid_by_keys(const AttentionParams& p) {
     return {blocks_of(p.Sk), uint32_t(p.Hkv), uint32_t(p.B)};
 }
 
+namespace {
+
+MetalLaunchPlan plan_of(const PreparedCall& call) {
+    const AttentionParams& p = call.params;
+    MetalLaunchPlan plan;
+    plan.nothing_to_do = call.nothing_to_do;
+    const msl::KernelParams kp = kernel_params(p);
+    plan.params.resize(sizeof kp);
+    std::memcpy(plan.params.data(), &kp, sizeof kp);
+    plan.dtype = msl_type_name(p.dtype);
+    plan.head_dim_bucket = bucket(p);
+    const Grid gq = grid_by_queries(p), gk = grid_by_keys(p);
+    plan.grid_queries[0] = gq.x, plan.grid_queries[1] = gq.y, plan.grid_queries[2] = gq.z;
+    plan.grid_keys[0] = gk.x, plan.grid_keys[1] = gk.y, plan.grid_keys[2] = gk.z;
+    plan.threads_per_threadgroup = msl::kThreads;
+    plan.workspace_bytes = bwd_workspace_size(p);
+    return plan;
+}
+
+AttentionOptions on_metal(AttentionOptions o) {
+    o.backend = Backend::metal;
+    return o;
+}
+
+}  // namespace
 }  // namespace orchard::metal_host
+
+namespace orchard {
+
+MetalLaunchPlan metal_forward_plan(const ForwardArgs& args, const AttentionOptions& options) {
+    return metal_host::plan_of(prepare_forward(args, metal_host::on_metal(options)));
+}
+
+MetalLaunchPlan metal_backward_plan(const BackwardArgs& args, const AttentionOptions& options) {
+    return metal_host::plan_of(prepare_backward(args, metal_host::on_metal(options), {}));
+}
+
+}  // namespace orchard

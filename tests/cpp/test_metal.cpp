@@ -4,9 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <set>
 
 #include "cases.h"
+#include "metal/kernel_params.h"
+#include "orchard/metal.h"
 
 namespace orchard::test {
 namespace {
@@ -167,6 +170,53 @@ TEST(MetalSupports, NamesWhatItTakes) {
     EXPECT_EQ(f64.reason,
               "orchard::forward: the Metal backend supports float32, float16 and bfloat16 but "
               "got float64");
+}
+
+// The plan a framework's Metal host (PyTorch MPS) launches from: validated like forward(),
+// with the constant buffer the emulated kernels get.
+TEST(MetalPlan, ForwardPlanDescribesTheLaunch) {
+    Tensor q({2, 40, 4, 16}, DType::f16), k({2, 70, 2, 16}, DType::f16);
+    Tensor v({2, 70, 2, 24}, DType::f16), out({2, 40, 4, 24}, DType::f16);
+    Tensor lse({2, 4, 40}, DType::f32);
+    AttentionOptions o;
+    o.causal = true;
+    const MetalLaunchPlan plan = metal_forward_plan(
+        {.q = metal_view(q), .k = metal_view(k), .v = metal_view(v), .out = metal_view(out),
+         .lse = metal_view(lse)},
+        o);
+    EXPECT_FALSE(plan.nothing_to_do);
+    EXPECT_EQ(plan.dtype, "half");
+    EXPECT_EQ(plan.head_dim_bucket, 64);
+    EXPECT_EQ(std::vector<uint32_t>(plan.grid_queries, plan.grid_queries + 3),
+              (std::vector<uint32_t>{2, 4, 2}));
+    EXPECT_EQ(std::vector<uint32_t>(plan.grid_keys, plan.grid_keys + 3),
+              (std::vector<uint32_t>{3, 2, 2}));
+    EXPECT_EQ(plan.threads_per_threadgroup, 128u);
+    ASSERT_EQ(plan.params.size(), sizeof(msl::KernelParams));
+    msl::KernelParams kp;
+    std::memcpy(&kp, plan.params.data(), sizeof kp);
+    EXPECT_EQ(kp.D, 16);
+    EXPECT_EQ(kp.Dv, 24);
+    EXPECT_EQ(kp.Hq, 4);
+    EXPECT_EQ(kp.window_right, 0);
+    EXPECT_EQ(kp.q_st[1], 4 * 16);
+    EXPECT_FLOAT_EQ(kp.scale, 0.25f);
+}
+
+TEST(MetalPlan, RefusesWhatForwardRefuses) {
+    Tensor q({1, 4, 1, 12}, DType::f32), k({1, 4, 1, 12}, DType::f32);
+    Tensor v({1, 4, 1, 12}, DType::f32), out({1, 4, 1, 12}, DType::f32);
+    Tensor lse({1, 1, 4}, DType::f32);
+    try {
+        metal_forward_plan({.q = metal_view(q), .k = metal_view(k), .v = metal_view(v),
+                            .out = metal_view(out), .lse = metal_view(lse)},
+                           {});
+        FAIL() << "expected an error";
+    } catch (const Error& e) {
+        EXPECT_EQ(e.kind(), ErrorKind::unsupported);
+        EXPECT_STREQ(e.what(), "orchard::forward: the Metal backend supports head dims that are "
+                               "multiples of 8 from 8 to 256 but got D = 12, Dv = 12");
+    }
 }
 
 }  // namespace
