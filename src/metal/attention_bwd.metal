@@ -3,7 +3,7 @@
 // that loops over all queries (and the query heads of its GQA group) and a dQ kernel over
 // query blocks that loops over all keys. Each gradient element has exactly one writer.
 //
-// With P = exp(S - lse) (0 where masked; lse = +inf for rows that see no key), Z the dropout
+// With P = exp(S - lse) (0 where masked and for rows that see no key), Z the dropout
 // multiplier (0 or 1 / (1 - p)):  dV = (P Z)^T dO,  dP = dO V^T,  dS = P (dP Z - D),
 // softcap: dS *= 1 - tanh^2,  then dQ = scale dS K,  dK = scale dS^T Q.
 #include "metal/attention_common.h"
@@ -110,10 +110,10 @@ template <typename T, int DMAX>
                        seq.sq - i0, Dv, tid);
             if (tid < uint(BQ)) {
                 const long i = i0 + tid;
-                // Rows past the sequence: lse = +inf makes their P 0.
+                // Rows past the sequence: lse = FLT_MAX makes their P 0 (see probability()).
                 tLse[tid] = i < seq.sq ? lse[b * p.lse_st[0] + h * p.lse_st[1] +
                                              (seq.first_q + i) * p.lse_st[2]]
-                                       : INFINITY;
+                                       : FLT_MAX;
                 tDelta[tid] = i < seq.sq ? delta[bh * p.Sq + i] : 0.0f;
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -144,7 +144,7 @@ template <typename T, int DMAX>
                                              : Span{0, 0};
                 float t;
                 const float s = score(p, sP[row * BQ + c0 + c], slope, i, j, diag, keys, t);
-                const float pij = s == -INFINITY ? 0.0f : exp(s - tLse[c0 + c]);
+                const float pij = probability(s, tLse[c0 + c]);
                 const float z = pij == 0.0f ? 0.0f : dropout_factor(p, bh, i, j);
                 float ds = pij * (sdS[row * BQ + c0 + c] * z - tDelta[c0 + c]);
                 if (p.softcap > 0.0f) ds *= 1.0f - t * t;
@@ -247,7 +247,7 @@ template <typename T, int DMAX>
     const long bh = long(b) * p.Hq + h;
     const float lse_i =
         i < seq.sq ? lse[b * p.lse_st[0] + h * p.lse_st[1] + (seq.first_q + i) * p.lse_st[2]]
-                   : INFINITY;
+                   : FLT_MAX;
     const float delta_i = i < seq.sq ? delta[bh * p.Sq + i] : 0.0f;
 
     device const T* k_head = k + offset_of(p.k_st, b, seq.first_k, hk);
@@ -281,7 +281,7 @@ template <typename T, int DMAX>
             const long j = j0 + c0 + c;
             float t;
             const float s = score(p, sS[row * BK + c0 + c], slope, i, j, diag, keys, t);
-            const float pij = s == -INFINITY ? 0.0f : exp(s - lse_i);
+            const float pij = probability(s, lse_i);
             const float z = pij == 0.0f ? 0.0f : dropout_factor(p, bh, i, j);
             float ds = pij * (sdS[row * BK + c0 + c] * z - delta_i);
             if (p.softcap > 0.0f) ds *= 1.0f - t * t;

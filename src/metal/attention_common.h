@@ -47,19 +47,30 @@ inline long offset_of(constant int64_t* st, int b, long token, int h) {
     return b * st[0] + token * st[1] + h * st[2];
 }
 
+// The score of a masked (query, key) pair. Finite on purpose: the kernels must not depend on
+// infinities, which a fast-math compile (a host's default) may assume never occur. It only has
+// to be far below any real score so that exp(kMaskedScore - m) is 0.
+constant float kMaskedScore = -1e30f;
+
 // Score of query i, key j (positions inside the sequence) from the raw dot product q.k:
-// scale, softcap, ALiBi; -INFINITY outside the window / sequence. `t` gets tanh(s / softcap)
-// for the softcap derivative of the backward.
+// scale, softcap, ALiBi; kMaskedScore outside the window / sequence. `t` gets
+// tanh(s / softcap) for the softcap derivative of the backward.
 inline float score(constant KernelParams& p, float dot, float slope, long i, long j, long diag,
                    Span keys, thread float& t) {
     t = 0.0f;
-    if (j < keys.lo || j >= keys.hi) return -INFINITY;
+    if (j < keys.lo || j >= keys.hi) return kMaskedScore;
     float s = dot * p.scale;
     if (p.softcap > 0.0f) {
         t = tanh(s / p.softcap);
         s = p.softcap * t;
     }
     return s - slope * float(abs(i + diag - j));
+}
+
+// P = exp(s - lse) of the backward: 0 for masked pairs and for rows that saw no key (their lse
+// is +inf; rows past the sequence get FLT_MAX), tested by comparison, never by inf arithmetic.
+inline float probability(float s, float lse) {
+    return (s <= kMaskedScore || lse >= FLT_MAX) ? 0.0f : exp(s - lse);
 }
 
 // Dropout multiplier of (i, j) for head bh = b * Hq + h: 0 or 1 / (1 - p); 1 without dropout.

@@ -66,7 +66,7 @@ template <typename T, int DMAX>
                                  : Span{0, 0};
     const float slope = alibi_slope(p, alibi, b, h);
     const long bh = long(b) * p.Hq + h;
-    float m = -INFINITY, l = 0.0f;  // running max and softmax denominator of row i
+    float m = kMaskedScore, l = 0.0f;  // running max and softmax denominator of row i
 
     device const T* k_head = k + offset_of(p.k_st, b, seq.first_k, hk);
     device const T* v_head = v + offset_of(p.v_st, b, seq.first_k, hk);
@@ -90,15 +90,15 @@ template <typename T, int DMAX>
 
         // Online softmax of row i over this block.
         float s[COLS];
-        float block_max = -INFINITY;
+        float block_max = kMaskedScore;
         for (int c = 0; c < COLS; ++c) {
             float t;
             s[c] = score(p, sS[row * BK + c0 + c], slope, i, j0 + c0 + c, diag, keys, t);
             block_max = max(block_max, s[c]);
         }
         const float m_new = max(m, row_max4(block_max));
-        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // all masked so far: p = 0
-        const float alpha = exp(m - m_use);                    // m = -inf: 0
+        const float m_use = m_new <= kMaskedScore ? 0.0f : m_new;  // all masked so far: p = 0
+        const float alpha = exp(m - m_use);                       // m masked: 0
         float block_sum = 0.0f;
         for (int c = 0; c < COLS; ++c) {
             const float pc = exp(s[c] - m_use);
@@ -123,7 +123,8 @@ template <typename T, int DMAX>
         }
     }
 
-    // out = acc_o / l (0 for rows that saw no key); lse = m + log(l) (+inf for those rows).
+    // out = acc_o / l (0 for rows that saw no key); lse = m + log(l) (+inf for those rows: only
+    // stored, as DESIGN.md asks, never computed with).
     const Frag inv_l = row_diagonal(stage, l > 0.0f ? 1.0f / l : 0.0f, lane);
     if (lane % 4 == 0 && i < seq.sq)
         lse[b * p.lse_st[0] + h * p.lse_st[1] + (seq.first_q + i) * p.lse_st[2]] =

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import orchard
-from orchard import metal
+from orchard import _ops, metal
 
 from reference import attention_ref
 
@@ -28,6 +28,17 @@ def test_inlined_source_is_self_contained():
     # The shared definitions appear once each: Philox and the window bounds from src/core.
     assert source.count("Philox4 philox4x32_10(") == 1
     assert source.count("Span visible_keys(") == 1
+
+
+def test_plan_op_is_validated_by_the_core():
+    # The launch plan of the MPS path goes through orchard::forward's validation on
+    # Backend::metal; CPU tensors are refused there, which is what can be run without MPS.
+    q, k, v, out = (torch.randn(1, 4, 1, 16) for _ in range(4))
+    lse = torch.empty(1, 1, 4)
+    with pytest.raises(ValueError, match="orchard.test: backend metal needs metal tensors but q "
+                                         "is on cpu"):
+        _ops.call(_ops.ops.metal_plan_fwd, q, k, v, out, lse, None, None, 0, 0, 0.0, None, False,
+                  -1, -1, 0.0, None, torch.zeros(2, dtype=torch.int64), False, "orchard.test")
 
 
 @pytest.mark.skipif(not MPS, reason="needs an Apple GPU (MPS)")

@@ -4,6 +4,7 @@
 // checked_ptr<T> and removed [[attributes]]; what remains is defined here.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <limits>
