@@ -22,4 +22,9 @@ python=${PYTHON:-python3}
 "$python" -m pip install -q --disable-pip-version-check "torch>=2.10" scikit-build-core \
     pytest hypothesis transformers matplotlib tqdm
 # --no-build-isolation: build against the torch installed above instead of a second copy.
-"$python" -m pip install -q --disable-pip-version-check --no-build-isolation .
+# The CUDA kernels are compiled into the package only where a GPU can run them (the C++ build of
+# scripts/test.sh compiles them wherever nvcc is, as a check).
+cuda=OFF
+command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1 && cuda=AUTO
+"$python" -m pip install -q --disable-pip-version-check --no-build-isolation \
+    -C cmake.define.ORCHARD_CUDA=$cuda .

@@ -14,9 +14,10 @@ run_suite() {  # $1 = build dir, remaining args = extra CMake options
     ctest --test-dir "$dir" --output-on-failure -j "$jobs"
 }
 
-echo "== C++ tests, Release build"
+echo "== C++ tests, Release build (with the CUDA kernels where nvcc is found; they run only on a GPU)"
 run_suite build -DCMAKE_BUILD_TYPE=Release
-echo "== C++ tests, AddressSanitizer + UndefinedBehaviorSanitizer build"
-run_suite build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DORCHARD_SANITIZE=address,undefined
+echo "== C++ tests, AddressSanitizer + UndefinedBehaviorSanitizer build (host code only)"
+run_suite build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DORCHARD_SANITIZE=address,undefined \
+    -DORCHARD_CUDA=OFF
 echo "== Python tests"
 "${PYTHON:-python3}" -m pytest tests/python -q

@@ -6,6 +6,8 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include <dlfcn.h>
+
 #include <cstring>
 #include <optional>
 #include <string>
@@ -144,6 +146,38 @@ orchard::AttentionOptions options_of(const std::string& op, const OptionArgs& a,
     return o;
 }
 
+// PyTorch's current CUDA stream on `device`, through the stable C shim. The shim's CUDA entry
+// point lives in libtorch_cuda.so, which a CPU-only PyTorch lacks: it is looked up in the already
+// loaded library rather than linked, so this module loads with either build of PyTorch.
+void* current_cuda_stream(const std::string& op, int device) {
+    using GetStream = int32_t (*)(int32_t, void**);
+    static const GetStream get = [] {
+        void* lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD);
+        return lib ? reinterpret_cast<GetStream>(dlsym(lib, "aoti_torch_get_current_cuda_stream"))
+                   : nullptr;
+    }();
+    if (get == nullptr)
+        raise(orchard::ErrorKind::internal,
+              op + ": CUDA tensors, but this PyTorch has no aoti_torch_get_current_cuda_stream");
+    void* stream = nullptr;
+    if (get(device, &stream) != 0)
+        raise(orchard::ErrorKind::internal, op + ": could not read the current CUDA stream");
+    return stream;
+}
+
+// The CUDA kernels read rows in 16-byte pieces (unit last stride, strides multiples of 8,
+// 16-byte aligned data). Other layouts of an input are copied first, visibly (call log, stats).
+Tensor readable_on_cuda(const std::string& op, orchard::Direction dir, const char* name,
+                        const Tensor& t) {
+    if (!t.is_cuda() || t.numel() == 0) return t;
+    bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(t.dim() - 1) == 1;
+    for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && t.stride(i) % 8 == 0;
+    if (ok) return t;
+    orchard::record_staging_copy(dir, op, std::string(name) + " (CUDA kernels need a contiguous "
+                                                              "last dim and 16-byte aligned rows)");
+    return torch::stable::contiguous(t);
+}
+
 // Orchard's CPU work runs on PyTorch's own intra-op threads: a second pool would compete with
 // them for the cores (they keep spinning after each op).
 void torch_run(int n, void (*body)(void* ctx, int worker), void* ctx) {
@@ -174,7 +208,13 @@ std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, std::optional<Tenso
         const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               dropout_p,    softmax_scale, causal,      window_left,
                               window_right, softcap,       alibi_slopes, rng_state};
-        const orchard::AttentionOptions o = options_of(op, args, deterministic);
+        orchard::AttentionOptions o = options_of(op, args, deterministic);
+        if (q.is_cuda()) {
+            o.stream = current_cuda_stream(op, q.get_device_index());
+            q = readable_on_cuda(op, orchard::Direction::forward, "q", q);
+            k = readable_on_cuda(op, orchard::Direction::forward, "k", k);
+            v = readable_on_cuda(op, orchard::Direction::forward, "v", v);
+        }
         const bool varlen = cu_seqlens_q.has_value();
         std::vector<int64_t> out_shape = sizes_of(q);
         if (!out_shape.empty()) out_shape.back() = v.dim() > 0 ? v.size(v.dim() - 1) : 0;
@@ -204,7 +244,16 @@ std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v
         const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               dropout_p,    softmax_scale, causal,      window_left,
                               window_right, softcap,       alibi_slopes, rng_state};
-        const orchard::AttentionOptions o = options_of(op, args, deterministic);
+        orchard::AttentionOptions o = options_of(op, args, deterministic);
+        if (q.is_cuda()) {
+            const auto dir = orchard::Direction::backward;
+            o.stream = current_cuda_stream(op, q.get_device_index());
+            q = readable_on_cuda(op, dir, "q", q);
+            k = readable_on_cuda(op, dir, "k", k);
+            v = readable_on_cuda(op, dir, "v", v);
+            out = readable_on_cuda(op, dir, "out", out);
+            dout = readable_on_cuda(op, dir, "dout", dout);
+        }
         // A gradient not asked for is returned as an empty (0,) tensor and not computed.
         auto grad_like = [&](const Tensor& x, bool needed) {
             return torch::stable::new_empty(x, needed ? sizes_of(x) : std::vector<int64_t>{0});

@@ -110,4 +110,8 @@ void reset_stats();
 void record_fallback(Direction direction, const std::string& op, const std::string& used,
                      const std::string& reason);
 
+// For front ends that copy an input into a layout a backend can read (e.g. a CUDA tensor whose
+// last dimension is strided): counts a staging copy and writes its call-log line.
+void record_staging_copy(Direction direction, const std::string& op, const std::string& what);
+
 }  // namespace orchard

@@ -1,6 +1,8 @@
 // Orchard's front door: validate -> params -> pick backend -> log -> run.
 #include "orchard/attention.h"
 
+#include <string>
+
 #include "core/call_log.h"
 #include "core/thread_pool.h"
 #include "core/validate.h"
@@ -36,6 +38,17 @@ void forward(const ForwardArgs& args, const AttentionOptions& options) {
 
 void backward(const BackwardArgs& args, const AttentionOptions& options, Workspace workspace) {
     const PreparedCall call = prepare_backward(args, options, workspace);
+    // Device backends never allocate behind the caller's back: their scratch must be given.
+    // (The CPU backend allocates what is missing itself.)
+    if (!call.nothing_to_do && call.params.device.kind != DeviceKind::cpu) {
+        const size_t need = call.ops->bwd_workspace_size(call.params);
+        if (workspace.bytes < need)
+            throw Error(ErrorKind::invalid_argument,
+                        std::string(options.op_name ? options.op_name : "orchard::backward") +
+                            ": workspace has " + std::to_string(workspace.bytes) + " bytes but the " +
+                            to_string(call.params.backend) + " backend needs " +
+                            std::to_string(need) + " (see backward_workspace_size)");
+    }
     log_call(Direction::backward, call);
     if (!call.nothing_to_do) call.ops->attention_bwd(call.params);
 }

@@ -94,6 +94,17 @@ void record_fallback(Direction dir, const std::string& op, const std::string& us
     write_line(s, os.str());
 }
 
+void record_staging_copy(Direction dir, const std::string& op, const std::string& what) {
+    LogState& s = state();
+    std::lock_guard<std::mutex> lock(s.mutex);
+    const int d = int(dir);
+    ++s.stats.staging_copies[d];
+    if (!log_enabled()) return;
+    std::ostringstream os;
+    os << (dir == Direction::forward ? "FWD" : "BWD") << " staging op=" << op << " copied " << what;
+    write_line(s, os.str());
+}
+
 Stats stats() {
     std::lock_guard<std::mutex> lock(state().mutex);
     return state().stats;

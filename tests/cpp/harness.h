@@ -83,6 +83,10 @@ public:
         return t;
     }
 
+    // The whole underlying storage (padding included), e.g. to mirror it on a device.
+    char* storage() { return storage_.data(); }
+    size_t storage_bytes() const { return storage_.size(); }
+
     const TensorView& view() const { return view_; }
     TensorView& view() { return view_; }
     const std::vector<int64_t>& shape() const { return shape_; }

@@ -1,0 +1,39 @@
+# The CUDA backend: one translation unit per (dtype, padded head dim) kernel variant, generated
+# from src/cuda/variant.cu.in, for the architectures in ORCHARD_CUDA_ARCHS.
+enable_language(CUDA)
+find_package(CUDAToolkit REQUIRED)
+
+set(ORCHARD_CUDA_GEN ${CMAKE_BINARY_DIR}/orchard_cuda)
+set(ORCHARD_CUDA_SOURCES src/cuda/backend.cu)
+set(orchard_variant_list "")
+foreach(hd IN LISTS ORCHARD_CUDA_HEADDIMS)
+  math(EXPR rem "${hd} % 32")
+  if(rem OR hd LESS 32 OR hd GREATER 256)
+    message(FATAL_ERROR "ORCHARD_CUDA_HEADDIMS: ${hd} is not a multiple of 32 in [32, 256]")
+  endif()
+  foreach(type IN ITEMS __half __nv_bfloat16)
+    set(ORCHARD_VARIANT_TYPE ${type})
+    set(ORCHARD_VARIANT_HD ${hd})
+    set(file ${ORCHARD_CUDA_GEN}/variant${type}_hd${hd}.cu)
+    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/src/cuda/variant.cu.in ${file} @ONLY)
+    list(APPEND ORCHARD_CUDA_SOURCES ${file})
+  endforeach()
+  string(APPEND orchard_variant_list "ORCHARD_CUDA_HD(${hd})\n")
+endforeach()
+file(CONFIGURE OUTPUT ${ORCHARD_CUDA_GEN}/cuda_variants.inc CONTENT "${orchard_variant_list}")
+
+set(ORCHARD_CUDA_GENCODE "")
+foreach(arch IN LISTS ORCHARD_CUDA_ARCHS)
+  list(APPEND ORCHARD_CUDA_GENCODE "-gencode=arch=compute_${arch},code=sm_${arch}")
+endforeach()
+
+function(orchard_cuda_configure target)
+  # CMake 3.25 has no CUDA20 dialect for nvcc: the flag is passed by hand (the core's headers
+  # are C++20).
+  set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES OFF CUDA_STANDARD_REQUIRED OFF)
+  target_include_directories(${target} PRIVATE ${ORCHARD_CUDA_GEN})
+  target_compile_options(${target} PRIVATE
+    "$<$<COMPILE_LANGUAGE:CUDA>:${ORCHARD_CUDA_GENCODE};-std=c++20;--expt-relaxed-constexpr;-Xptxas=-warn-spills;-lineinfo>")
+  # Static runtime: the binaries need only the driver (libcuda) on the machine that runs them.
+  target_link_libraries(${target} PUBLIC CUDA::cudart_static)
+endfunction()

@@ -1,0 +1,436 @@
+// The CUDA backward kernels (sm_80+), deterministic by construction (no atomics):
+//   1. preprocess: delta = rowsum(dO * O) per (batch, head, row), into the caller's workspace;
+//   2. dK/dV: one block per (key block, kv head, batch), looping over the query blocks of every
+//      query head of its GQA group, so dK/dV of a kv head are summed in registers;
+//   3. dQ: one block per (query block, head, batch), looping over key blocks.
+// Splitting dQ from dK/dV recomputes S and dP (7 matmuls instead of FlashAttention 2's 5), the
+// design metal-flash-attention uses for GPUs without float atomics. A variant adding dQ with fp32
+// atomics from the dK/dV kernel (FlashAttention 2's way) measured slower on the H200 (hdim 128,
+// 16k: 137 against 188 TFLOP/s; docs/PERFORMANCE.md), so there is one backward and
+// `deterministic` changes nothing.
+#pragma once
+
+#include <cmath>
+#include <utility>
+
+#include "cuda/kernel_params.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/tile_io.cuh"
+
+namespace orchard::cuda {
+
+// ---- 1. delta = rowsum(dO * O) ------------------------------------------------------------
+
+inline constexpr int kDeltaRows = 8;  // one warp per row
+
+template <class T>
+__global__ void __launch_bounds__(kDeltaRows * 32) attention_bwd_delta_kernel(const KernelParams p) {
+    const int h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x % 32;
+    const int64_t i = int64_t(blockIdx.x) * kDeltaRows + threadIdx.x / 32;
+    const Seq s = seq_of(p, b);
+    if (i >= s.sq) return;
+    const T* o = row_ptr<T>(p.out, p.out_st, b, s.first_q + i, h);
+    const T* dout = row_ptr<T>(p.dout, p.dout_st, b, s.first_q + i, h);
+    float acc = 0.f;
+    for (int d = lane; d < p.D; d += 32) acc += to_float(o[d]) * to_float(dout[d]);
+#pragma unroll
+    for (int w = 16; w > 0; w /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, w);
+    if (lane == 0) p.delta[(int64_t(b) * p.Hq + h) * p.Sq + i] = acc;
+}
+
+// ---- 2. dK, dV ------------------------------------------------------------------------------
+
+// kBN keys per block (16 per warp), kBM queries per step.
+template <int kD_, int kBN_, int kBM_>
+struct BwdConfig {
+    static constexpr int kD = kD_, kBN = kBN_, kBM = kBM_;
+    static constexpr int kWarps = kBN / 16, kThreads = kWarps * 32;
+    static constexpr int kP = kRowPitch<kD>;
+    static_assert(kBN % 16 == 0 && kBM % 16 == 0 && kD % 16 == 0);
+    // dK/dV kernel: sK, sV (kBN x kP); two stages of sQ, sdO (kBM x kP); two stages of lse, delta.
+    static constexpr size_t kDkvSmem = size_t(2 * kBN + 4 * kBM) * kP * 2 + 4 * kBM * 4;
+    // dQ kernel (kBN queries per block, kBM keys per step): sQ, sdO; two stages of sK, sV.
+    static constexpr size_t kDqSmem = size_t(2 * kBN + 4 * kBM) * kP * 2;
+};
+
+// The dropout keep bits of a thread's kTiles C tiles (bit 4 * tile + c), one Philox
+// call per element: `ij(tile, c)` gives the (query, key) of element c of a tile.
+template <int kTiles, class IJ>
+__device__ __forceinline__ uint32_t keep_bits(const KernelParams& p, int64_t bh, IJ ij) {
+    static_assert(kTiles * 4 <= 32);
+    uint32_t bits = 0;
+#pragma unroll 1  // Philox is long: a rolled loop keeps its registers out of the hot path
+    for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const auto [i, j] = ij(tile, c);
+            if (dropout_word(dropout_words(p.seed, p.offset, bh, i, j / 4), j) < p.keep_threshold)
+                bits |= 1u << (tile * 4 + c);
+        }
+    return bits;
+}
+
+// From scores s (log2 units, or raw on the plain path; masked = -inf) and dp of kTiles C tiles:
+// s <- P * z (for dV) and dp <- dS = P * (dp * z - delta) [* (1 - tanh^2)] * scale, with
+// z = keep ? 1 / (1 - p) : 0.
+// lse2 / delta give a column's (or row's) values; dist(tile, c) = i + diag - j for softcap.
+template <int kTiles, bool kSoftcap, class Row, class Dist>
+__device__ __forceinline__ void probs_and_grads(const ScoreMod& mod, float (&s)[kTiles][4],
+                                                float (&dp)[kTiles][4], uint32_t keep, float rp,
+                                                Row lse2_delta, Dist dist) {
+    const float factor = mod.log2_factor();
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const auto [lse2, delta] = lse2_delta(tile, c);
+            const float pr = fast_exp2(fmaf(s[tile][c], factor, -lse2));
+            const float z = (keep >> (tile * 4 + c)) & 1u ? rp : 0.f;
+            float ds = pr * (dp[tile][c] * z - delta);
+            if constexpr (kSoftcap) {
+                const float t = mod.softcap_tanh(s[tile][c], dist(tile, c));
+                ds *= 1.f - t * t;
+            }
+            dp[tile][c] = ds * mod.scale;
+            s[tile][c] = pr * z;
+        }
+}
+
+template <class T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const KernelParams p) {
+    constexpr int kD = Cfg::kD, kBN = Cfg::kBN, kBM = Cfg::kBM, kP = Cfg::kP;
+    constexpr int kQT = kBM / 8, kDT = kD / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sK = reinterpret_cast<T*>(smem_raw);
+    T* sV = sK + kBN * kP;
+    T* sQ = sV + kBN * kP;      // [2][kBM][kP]
+    T* sdO = sQ + 2 * kBM * kP;  // [2][kBM][kP]
+    float* sLse = reinterpret_cast<float*>(sdO + 2 * kBM * kP);  // [2][kBM], log2 units
+    float* sDelta = sLse + 2 * kBM;                             // [2][kBM]
+
+    const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const Seq s = seq_of(p, b);
+    const int64_t n0 = int64_t(n_block) * kBN;
+    if (n0 >= s.sk) return;
+    const int group = p.Hq / p.Hkv;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int64_t diag = s.sk - s.sq;
+
+    const Span qs = queries_seeing(n0, min(n0 + kBN, s.sk), diag, p.window_left, p.window_right, s.sq);
+    const int m_first = int(qs.lo / kBM);
+    const int m_count = qs.hi > qs.lo ? int((qs.hi + kBM - 1) / kBM) - m_first : 0;
+    const int steps = group * m_count;  // (query head, query block) pairs
+
+    const T* k = row_ptr<T>(p.k, p.k_st, b, s.first_k, hk);
+    const T* v = row_ptr<T>(p.v, p.v_st, b, s.first_k, hk);
+    load_tile_async<kBN, kD, Cfg::kThreads>(sK, k, p.k_st.s, n0, s.sk, p.D);
+    load_tile_async<kBN, kD, Cfg::kThreads>(sV, v, p.v_st.s, n0, s.sk, p.D);
+    auto load_step = [&](int step, int stage) {
+        const int h = hk * group + step / m_count;
+        const int64_t m0 = int64_t(m_first + step % m_count) * kBM;
+        load_tile_async<kBM, kD, Cfg::kThreads>(sQ + stage * kBM * kP,
+                                               row_ptr<T>(p.q, p.q_st, b, s.first_q, h), p.q_st.s,
+                                               m0, s.sq, p.D);
+        load_tile_async<kBM, kD, Cfg::kThreads>(sdO + stage * kBM * kP,
+                                               row_ptr<T>(p.dout, p.dout_st, b, s.first_q, h),
+                                               p.dout_st.s, m0, s.sq, p.D);
+        for (int r = threadIdx.x; r < kBM; r += Cfg::kThreads) {
+            const int64_t i = m0 + r;
+            const bool in = i < s.sq;  // rows past the end: p = 0 through lse = +inf
+            sLse[stage * kBM + r] =
+                in ? p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e
+                   : INFINITY;
+            sDelta[stage * kBM + r] = in ? p.delta[(int64_t(b) * p.Hq + h) * p.Sq + i] : 0.f;
+        }
+    };
+    if (steps > 0) load_step(0, 0);
+    cp_async_commit();
+
+    float acc_dk[kDT][4] = {}, acc_dv[kDT][4] = {};
+    const int kr = warp * 16;  // this warp's first key inside the block
+    for (int step = 0; step < steps; ++step) {
+        const int stage = step & 1;
+        if (step + 1 < steps) {
+            load_step(step + 1, stage ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int h = hk * group + step / m_count;
+        const int64_t m0 = int64_t(m_first + step % m_count) * kBM;
+        const T* tQ = sQ + stage * kBM * kP;
+        const T* tdO = sdO + stage * kBM * kP;
+        const float* tLse = sLse + stage * kBM;
+        const float* tDelta = sDelta + stage * kBM;
+        const ScoreMod mod = score_mod(p, b, h);
+
+        // S^T = K Q^T and dP^T = V dO^T: (16 keys x kBM queries) per warp.
+        float st[kQT][4] = {}, dpt[kQT][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk) {
+            uint32_t ak[4], av[4];
+            const int a_off = (kr + (lane / 8 & 1) * 8 + lane % 8) * kP + kk * 16 + (lane / 16) * 8;
+            ldmatrix_x4(ak, sK + a_off);
+            ldmatrix_x4(av, sV + a_off);
+#pragma unroll
+            for (int np = 0; np < kBM / 16; ++np) {
+                uint32_t bq[4], bo[4];
+                const int b_off = (np * 16 + (lane / 16) * 8 + lane % 8) * kP + kk * 16 + (lane / 8 & 1) * 8;
+                ldmatrix_x4(bq, tQ + b_off);
+                ldmatrix_x4(bo, tdO + b_off);
+                mma_16816<T>(st[2 * np], ak, bq[0], bq[1]);
+                mma_16816<T>(st[2 * np + 1], ak, bq[2], bq[3]);
+                mma_16816<T>(dpt[2 * np], av, bo[0], bo[1]);
+                mma_16816<T>(dpt[2 * np + 1], av, bo[2], bo[3]);
+            }
+        }
+
+        // Element (qt, c): key j = n0 + kr + g + 8 * (c / 2), query i = m0 + qt * 8 + 2t + c % 2.
+        // One branch per tile and pass (see the forward kernel).
+        auto ij = [&](int qt, int c) {
+            return std::pair<int64_t, int64_t>{m0 + qt * 8 + 2 * t + c % 2, n0 + kr + g + 8 * (c / 2)};
+        };
+        auto dist = [&](int qt, int c) {
+            const auto [i, j] = ij(qt, c);
+            return i + diag - j;
+        };
+        if (!mod.plain) {
+#pragma unroll
+            for (int qt = 0; qt < kQT; ++qt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) st[qt][c] = mod.general(st[qt][c], dist(qt, c));
+        }
+        if (!tile_fully_visible(p, s, m0, kBM, n0, kBN)) {
+#pragma unroll
+            for (int qt = 0; qt < kQT; ++qt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const auto [i, j] = ij(qt, c);
+                    const int64_t rel = j - i - diag;
+                    if (rel < -p.window_left || rel > p.window_right || j >= s.sk) st[qt][c] = -INFINITY;
+                }
+        }
+        const uint32_t keep = p.dropout ? keep_bits<kQT>(p, int64_t(b) * p.Hq + h, ij) : ~0u;
+        auto lse2_delta = [&](int qt, int c) {
+            const int r = qt * 8 + 2 * t + c % 2;
+            return std::pair<float, float>{tLse[r], tDelta[r]};
+        };
+        if (mod.softcap > 0.f)
+            probs_and_grads<kQT, true>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
+        else
+            probs_and_grads<kQT, false>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
+
+        // dV += (P z)^T dO, dK += dS^T Q.
+#pragma unroll
+        for (int ks = 0; ks < kBM / 16; ++ks) {
+            uint32_t ap[4], ads[4];
+            c_to_a<T>(ap, st[2 * ks], st[2 * ks + 1]);
+            c_to_a<T>(ads, dpt[2 * ks], dpt[2 * ks + 1]);
+#pragma unroll
+            for (int dp = 0; dp < kD / 16; ++dp) {
+                uint32_t bo[4], bq[4];
+                const int off = (ks * 16 + (lane / 8 & 1) * 8 + lane % 8) * kP + dp * 16 + (lane / 16) * 8;
+                ldmatrix_x4_trans(bo, tdO + off);
+                ldmatrix_x4_trans(bq, tQ + off);
+                mma_16816<T>(acc_dv[2 * dp], ap, bo[0], bo[1]);
+                mma_16816<T>(acc_dv[2 * dp + 1], ap, bo[2], bo[3]);
+                mma_16816<T>(acc_dk[2 * dp], ads, bq[0], bq[1]);
+                mma_16816<T>(acc_dk[2 * dp + 1], ads, bq[2], bq[3]);
+            }
+        }
+        __syncthreads();  // the next prefetch overwrites this stage
+    }
+    cp_async_wait<0>();  // keys no query sees skip the loop: their K/V copies end here
+
+    const float one[2] = {1.f, 1.f};
+    if (p.dk) {
+        T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + s.first_k * p.dk_st.s + int64_t(hk) * p.dk_st.h;
+        store_rows<kD, T>(dk, p.dk_st.s, n0 + kr, s.sk, p.D, acc_dk, one);
+    }
+    if (p.dv) {
+        T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + s.first_k * p.dv_st.s + int64_t(hk) * p.dv_st.h;
+        store_rows<kD, T>(dv, p.dv_st.s, n0 + kr, s.sk, p.D, acc_dv, one);
+    }
+}
+
+// ---- 3. dQ ----------------------------------------------------------------------------------
+
+// Same shape of block as dK/dV with the roles swapped: kBN queries per block (16 per warp),
+// kBM keys per step.
+template <class T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const KernelParams p) {
+    constexpr int kD = Cfg::kD, kBQ = Cfg::kBN, kBK = Cfg::kBM, kP = Cfg::kP;
+    constexpr int kKT = kBK / 8, kDT = kD / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sdO = sQ + kBQ * kP;
+    T* sK = sdO + kBQ * kP;     // [2][kBK][kP]
+    T* sV = sK + 2 * kBK * kP;  // [2][kBK][kP]
+
+    const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const Seq s = seq_of(p, b);
+    const int64_t m0 = int64_t(m_block) * kBQ;
+    if (m0 >= s.sq) return;
+    const int hk = h / (p.Hq / p.Hkv);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int64_t diag = s.sk - s.sq;
+    const ScoreMod mod = score_mod(p, b, h);
+    const int64_t bh = int64_t(b) * p.Hq + h;
+
+    const int64_t last_q = min(m0 + kBQ, s.sq) - 1;
+    const int64_t key_lo = visible_keys(m0, diag, p.window_left, p.window_right, s.sk).lo;
+    const int64_t key_hi = visible_keys(last_q, diag, p.window_left, p.window_right, s.sk).hi;
+    const int n_first = int(key_lo / kBK);
+    const int n_end = key_hi > key_lo ? int((key_hi + kBK - 1) / kBK) : n_first;
+
+    const T* k = row_ptr<T>(p.k, p.k_st, b, s.first_k, hk);
+    const T* v = row_ptr<T>(p.v, p.v_st, b, s.first_k, hk);
+    load_tile_async<kBQ, kD, Cfg::kThreads>(sQ, row_ptr<T>(p.q, p.q_st, b, s.first_q, h), p.q_st.s,
+                                           m0, s.sq, p.D);
+    load_tile_async<kBQ, kD, Cfg::kThreads>(sdO, row_ptr<T>(p.dout, p.dout_st, b, s.first_q, h),
+                                           p.dout_st.s, m0, s.sq, p.D);
+    if (n_first < n_end) {
+        load_tile_async<kBK, kD, Cfg::kThreads>(sK, k, p.k_st.s, int64_t(n_first) * kBK, s.sk, p.D);
+        load_tile_async<kBK, kD, Cfg::kThreads>(sV, v, p.v_st.s, int64_t(n_first) * kBK, s.sk, p.D);
+    }
+    cp_async_commit();
+
+    const int qr = warp * 16;  // this warp's first query inside the block
+    float lse2[2], delta[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int64_t i = m0 + qr + g + rr * 8;
+        const bool in = i < s.sq;
+        lse2[rr] = in ? p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e
+                      : INFINITY;
+        delta[rr] = in ? p.delta[bh * p.Sq + i] : 0.f;
+    }
+
+    float acc_dq[kDT][4] = {};
+    for (int n = n_first; n < n_end; ++n) {
+        const int stage = (n - n_first) & 1;
+        if (n + 1 < n_end) {
+            const int64_t next0 = int64_t(n + 1) * kBK;
+            load_tile_async<kBK, kD, Cfg::kThreads>(sK + (stage ^ 1) * kBK * kP, k, p.k_st.s, next0,
+                                                   s.sk, p.D);
+            load_tile_async<kBK, kD, Cfg::kThreads>(sV + (stage ^ 1) * kBK * kP, v, p.v_st.s, next0,
+                                                   s.sk, p.D);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* tK = sK + stage * kBK * kP;
+        const T* tV = sV + stage * kBK * kP;
+        const int64_t n0 = int64_t(n) * kBK;
+
+        // S = Q K^T and dP = dO V^T: (16 queries x kBK keys) per warp.
+        float acc_s[kKT][4] = {}, acc_dp[kKT][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk) {
+            uint32_t aq[4], ao[4];
+            const int a_off = (qr + (lane / 8 & 1) * 8 + lane % 8) * kP + kk * 16 + (lane / 16) * 8;
+            ldmatrix_x4(aq, sQ + a_off);
+            ldmatrix_x4(ao, sdO + a_off);
+#pragma unroll
+            for (int np = 0; np < kBK / 16; ++np) {
+                uint32_t bk[4], bv[4];
+                const int b_off = (np * 16 + (lane / 16) * 8 + lane % 8) * kP + kk * 16 + (lane / 8 & 1) * 8;
+                ldmatrix_x4(bk, tK + b_off);
+                ldmatrix_x4(bv, tV + b_off);
+                mma_16816<T>(acc_s[2 * np], aq, bk[0], bk[1]);
+                mma_16816<T>(acc_s[2 * np + 1], aq, bk[2], bk[3]);
+                mma_16816<T>(acc_dp[2 * np], ao, bv[0], bv[1]);
+                mma_16816<T>(acc_dp[2 * np + 1], ao, bv[2], bv[3]);
+            }
+        }
+
+        // Element (nt, c): query i = m0 + qr + g + 8 * (c / 2), key j = n0 + nt * 8 + 2t + c % 2.
+        auto ij = [&](int nt, int c) {
+            return std::pair<int64_t, int64_t>{m0 + qr + g + 8 * (c / 2), n0 + nt * 8 + 2 * t + c % 2};
+        };
+        auto dist = [&](int nt, int c) {
+            const auto [i, j] = ij(nt, c);
+            return i + diag - j;
+        };
+        if (!mod.plain) {
+#pragma unroll
+            for (int nt = 0; nt < kKT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc_s[nt][c] = mod.general(acc_s[nt][c], dist(nt, c));
+        }
+        if (!tile_fully_visible(p, s, m0, kBQ, n0, kBK)) {
+#pragma unroll
+            for (int nt = 0; nt < kKT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const auto [i, j] = ij(nt, c);
+                    const int64_t rel = j - i - diag;
+                    if (rel < -p.window_left || rel > p.window_right || j >= s.sk) acc_s[nt][c] = -INFINITY;
+                }
+        }
+        const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, ij) : ~0u;
+        auto lse2_delta = [&](int, int c) { return std::pair<float, float>{lse2[c / 2], delta[c / 2]}; };
+        if (mod.softcap > 0.f)
+            probs_and_grads<kKT, true>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
+        else
+            probs_and_grads<kKT, false>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
+
+        // dQ += dS K.
+#pragma unroll
+        for (int ks = 0; ks < kBK / 16; ++ks) {
+            uint32_t a[4];
+            c_to_a<T>(a, acc_dp[2 * ks], acc_dp[2 * ks + 1]);
+#pragma unroll
+            for (int dp = 0; dp < kD / 16; ++dp) {
+                uint32_t bk[4];
+                ldmatrix_x4_trans(bk, tK + (ks * 16 + (lane / 8 & 1) * 8 + lane % 8) * kP + dp * 16 +
+                                          (lane / 16) * 8);
+                mma_16816<T>(acc_dq[2 * dp], a, bk[0], bk[1]);
+                mma_16816<T>(acc_dq[2 * dp + 1], a, bk[2], bk[3]);
+            }
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+
+    const float one[2] = {1.f, 1.f};
+    T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + s.first_q * p.dq_st.s + int64_t(h) * p.dq_st.h;
+    store_rows<kD, T>(dq, p.dq_st.s, m0 + qr, s.sq, p.D, acc_dq, one);
+}
+
+// ---- launch ---------------------------------------------------------------------------------
+
+inline bool empty_grid(const dim3& g) { return g.x == 0 || g.y == 0 || g.z == 0; }
+
+template <class T, class Cfg>
+void launch_bwd(const KernelParams& p, cudaStream_t stream) {
+    // Empty grids (no query, no key, no head) launch nothing; dK/dV still run with no query, to
+    // write their zeros.
+    const dim3 delta_grid(unsigned((p.Sq + kDeltaRows - 1) / kDeltaRows), unsigned(p.Hq), unsigned(p.B));
+    if (!empty_grid(delta_grid)) {
+        attention_bwd_delta_kernel<T><<<delta_grid, kDeltaRows * 32, 0, stream>>>(p);
+        check_cuda(cudaGetLastError(), "backward preprocess kernel launch");
+    }
+    const dim3 dkdv_grid(unsigned((p.Sk + Cfg::kBN - 1) / Cfg::kBN), unsigned(p.Hkv), unsigned(p.B));
+    if ((p.dk || p.dv) && !empty_grid(dkdv_grid)) {
+        auto kernel = attention_bwd_dkdv_kernel<T, Cfg>;
+        set_smem(kernel, Cfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV)");
+        kernel<<<dkdv_grid, Cfg::kThreads, Cfg::kDkvSmem, stream>>>(p);
+        check_cuda(cudaGetLastError(), "backward dK/dV kernel launch");
+    }
+    if (p.dq) {
+        auto kernel = attention_bwd_dq_kernel<T, Cfg>;
+        const dim3 grid(unsigned((p.Sq + Cfg::kBN - 1) / Cfg::kBN), unsigned(p.Hq), unsigned(p.B));
+        if (!empty_grid(grid)) {
+            set_smem(kernel, Cfg::kDqSmem, "cudaFuncSetAttribute (dQ)");
+            kernel<<<grid, Cfg::kThreads, Cfg::kDqSmem, stream>>>(p);
+            check_cuda(cudaGetLastError(), "backward dQ kernel launch");
+        }
+    }
+}
+
+}  // namespace orchard::cuda

@@ -1,0 +1,162 @@
+// The CUDA backend: what it supports, the workspace it needs, and the launch of the compiled
+// kernel variants on the caller's stream and device.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <string>
+
+#include "core/backend.h"
+#include "cuda/launch.h"
+
+namespace orchard::cuda {
+
+void check_cuda(cudaError_t status, const char* what) {
+    if (status != cudaSuccess)
+        throw Error(ErrorKind::internal, std::string("orchard (CUDA backend): ") + what + " failed: " +
+                                             cudaGetErrorString(status));
+}
+
+KernelParams make_kernel_params(const AttentionParams& a) {
+    KernelParams p{};
+    p.q = a.q, p.k = a.k, p.v = a.v, p.out = a.out, p.out_w = a.out, p.dout = a.dout;
+    p.dq = a.dq, p.dk = a.dk, p.dv = a.dv, p.lse = a.lse;
+    p.q_st = a.q_st, p.k_st = a.k_st, p.v_st = a.v_st, p.out_st = a.out_st;
+    p.dout_st = a.dout_st, p.dq_st = a.dq_st, p.dk_st = a.dk_st, p.dv_st = a.dv_st;
+    p.lse_st = a.lse_st;
+    p.cu_q = a.cu_seqlens_q, p.cu_k = a.cu_seqlens_k;
+    p.Sq = a.Sq, p.Sk = a.Sk;
+    p.B = int(a.B), p.Hq = int(a.Hq), p.Hkv = int(a.Hkv), p.D = int(a.D);
+    p.scale = float(a.scale);
+    p.scale_log2 = float(a.scale * 1.4426950408889634);
+    p.softcap = float(a.softcap);
+    p.alibi = a.alibi_slopes, p.alibi_b = a.alibi_b, p.alibi_h = a.alibi_h;
+    p.window_left = a.window_left, p.window_right = a.window_right;
+    p.dropout = a.dropout, p.keep_threshold = a.keep_threshold;
+    p.rp_dropout = float(a.rp_dropout), p.seed = a.seed, p.offset = a.offset;
+    p.delta = static_cast<float*>(a.workspace);
+    return p;
+}
+
+namespace {
+
+using Runner = void (*)(const KernelParams&, cudaStream_t);
+struct Variant {
+    int hd;
+    Runner fwd_f16, bwd_f16, fwd_bf16, bwd_bf16;
+};
+
+// The variants this build has (ORCHARD_CUDA_HEADDIMS), from the generated list.
+#define ORCHARD_CUDA_HD(D) \
+    {D, &run_fwd<__half, D>, &run_bwd<__half, D>, &run_fwd<__nv_bfloat16, D>, &run_bwd<__nv_bfloat16, D>},
+constexpr Variant kVariants[] = {
+#include "cuda_variants.inc"
+};
+#undef ORCHARD_CUDA_HD
+
+constexpr int kMaxHeadDim = 256;
+
+int padded_head_dim(int64_t d) { return int((d + 31) / 32 * 32); }
+
+const Variant* find_variant(int64_t d) {
+    for (const Variant& v : kVariants)
+        if (v.hd == padded_head_dim(d)) return &v;
+    return nullptr;
+}
+
+std::string built_head_dims() {
+    std::string s;
+    for (const Variant& v : kVariants) s += (s.empty() ? "" : ", ") + std::to_string(v.hd);
+    return s;
+}
+
+// The kernels copy rows in 16-byte pieces: unit column stride, other strides multiples of 8
+// elements, 16-byte aligned data. The PyTorch binding copies inputs that are laid out otherwise.
+bool vector_friendly(const void* ptr, const Strides& st) {
+    return ptr == nullptr || (st.d == 1 && st.s % 8 == 0 && st.h % 8 == 0 && st.b % 8 == 0 &&
+                              reinterpret_cast<uintptr_t>(ptr) % 16 == 0);
+}
+
+BackendSupport supports(const AttentionParams& p, Direction direction) {
+    auto no = [](std::string why) { return BackendSupport{false, "the CUDA backend " + why}; };
+    if (p.dtype != DType::f16 && p.dtype != DType::bf16)
+        return no(std::string("supports fp16 and bf16 inputs but got ") + to_string(p.dtype));
+    if (p.D != p.Dv)
+        return no("needs equal head dims for q/k and v but got D = " + std::to_string(p.D) +
+                  ", Dv = " + std::to_string(p.Dv));
+    if (p.D % 8 != 0 || p.D > kMaxHeadDim)
+        return no("supports head dims that are multiples of 8 up to " + std::to_string(kMaxHeadDim) +
+                  " but got " + std::to_string(p.D));
+    if (!find_variant(p.D))
+        return no("was built without kernels for head dim " + std::to_string(p.D) + " (padded to " +
+                  std::to_string(padded_head_dim(p.D)) + "; built: " + built_head_dims() +
+                  "; see ORCHARD_CUDA_HEADDIMS)");
+    if (p.B > 65535 || p.Hq > 65535)
+        return no("supports batch and head counts up to 65535 but got B = " + std::to_string(p.B) +
+                  ", Hq = " + std::to_string(p.Hq));
+    const std::pair<const char*, bool> layouts[] = {
+        {"q", vector_friendly(p.q, p.q_st)},       {"k", vector_friendly(p.k, p.k_st)},
+        {"v", vector_friendly(p.v, p.v_st)},       {"out", vector_friendly(p.out, p.out_st)},
+        {"dout", vector_friendly(p.dout, p.dout_st)}, {"dq", vector_friendly(p.dq, p.dq_st)},
+        {"dk", vector_friendly(p.dk, p.dk_st)},    {"dv", vector_friendly(p.dv, p.dv_st)}};
+    for (const auto& [name, ok] : layouts)
+        if (!ok)
+            return no(std::string("needs ") + name +
+                      " with a contiguous last dimension, strides that are multiples of 8 "
+                      "elements and 16-byte aligned data");
+    int major = 0;
+    const cudaError_t status =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.device.index);
+    if (status != cudaSuccess)
+        return no("cannot use CUDA device " + std::to_string(p.device.index) + ": " +
+                  cudaGetErrorString(status));
+    if (major < 8) return no("needs compute capability 8.0 or newer (Ampere, Hopper)");
+    (void)direction;
+    return {true, {}};
+}
+
+// Makes the tensors' device current for the launch and restores the caller's afterwards.
+class DeviceScope {
+public:
+    explicit DeviceScope(int device) {
+        check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+        if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    }
+    ~DeviceScope() { cudaSetDevice(previous_); }
+    DeviceScope(const DeviceScope&) = delete;
+    DeviceScope& operator=(const DeviceScope&) = delete;
+
+private:
+    int previous_ = 0;
+};
+
+void attention_fwd(const AttentionParams& a) {
+    const DeviceScope scope(a.device.index);
+    const Variant& v = *find_variant(a.D);
+    const KernelParams p = make_kernel_params(a);
+    (a.dtype == DType::f16 ? v.fwd_f16 : v.fwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
+}
+
+void attention_bwd(const AttentionParams& a) {
+    const DeviceScope scope(a.device.index);
+    const Variant& v = *find_variant(a.D);
+    const KernelParams p = make_kernel_params(a);
+    (a.dtype == DType::f16 ? v.bwd_f16 : v.bwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
+}
+
+// delta = rowsum(dout * out): float32 (B, Hq, Sq).
+size_t bwd_workspace_size(const AttentionParams& p) {
+    return size_t(p.B * p.Hq * p.Sq) * sizeof(float);
+}
+
+}  // namespace
+}  // namespace orchard::cuda
+
+namespace orchard {
+
+const BackendOps& cuda_backend() {
+    static const BackendOps ops{Backend::cuda, &cuda::supports, &cuda::attention_fwd,
+                                &cuda::attention_bwd, &cuda::bwd_workspace_size};
+    return ops;
+}
+
+}  // namespace orchard

@@ -1,0 +1,17 @@
+// The kernel variants the CUDA backend can run: one (dtype, padded head dim) pair each, compiled
+// in its own translation unit (CMake generates them from ORCHARD_CUDA_HEADDIMS).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/kernel_params.cuh"
+
+namespace orchard::cuda {
+
+// kD is the head dim rounded up to a multiple of 32; columns past D are zero-filled.
+template <class T, int kD>
+void run_fwd(const KernelParams& p, cudaStream_t stream);
+template <class T, int kD>
+void run_bwd(const KernelParams& p, cudaStream_t stream);
+
+}  // namespace orchard::cuda

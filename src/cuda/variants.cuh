@@ -1,0 +1,38 @@
+// Block shapes per head dim, and the definitions behind launch.h's declarations. Included only by
+// the generated per-variant translation units.
+//
+// Forward: 128 query rows x 64 keys with 4 warps (two 16-row fragments per warp, so each K/V
+// fragment loaded from shared memory feeds two MMAs) up to kD = 128: 64 fp32 score and up to 128
+// output accumulators per thread, FlashAttention 2's choice on A100/H100. Past 128 the output
+// accumulator alone is kD / 2 registers per fragment, so one fragment per warp (64 x 64).
+// Backward: 64 keys per block (16 per warp) and 64 queries per step; past kD = 128 the dK/dV
+// accumulators take kD registers per thread and 32 queries per step keeps the rest small.
+#pragma once
+
+#include "cuda/attention_bwd.cuh"
+#include "cuda/attention_fwd.cuh"
+#include "cuda/launch.h"
+
+namespace orchard::cuda {
+
+template <int kD>
+using FwdConfigFor = std::conditional_t<(kD <= 128), FwdConfig<kD, 128, 64, 4>, FwdConfig<kD, 64, 64, 4>>;
+template <int kD>
+using BwdConfigFor = std::conditional_t<(kD <= 128), BwdConfig<kD, 64, 64>, BwdConfig<kD, 64, 32>>;
+
+template <class T, int kD>
+void run_fwd(const KernelParams& p, cudaStream_t stream) {
+    launch_fwd<T, FwdConfigFor<kD>>(p, stream);
+}
+
+template <class T, int kD>
+void run_bwd(const KernelParams& p, cudaStream_t stream) {
+    launch_bwd<T, BwdConfigFor<kD>>(p, stream);
+}
+
+}  // namespace orchard::cuda
+
+// One variant's translation unit: ORCHARD_VARIANT(__nv_bfloat16, 128).
+#define ORCHARD_VARIANT(T, D)                                                              \
+    template void run_fwd<T, D>(const KernelParams&, cudaStream_t);                         \
+    template void run_bwd<T, D>(const KernelParams&, cudaStream_t);
