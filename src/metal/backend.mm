@@ -120,13 +120,7 @@ void attention_fwd_metal(const AttentionParams& p) {
 }
 
 void attention_bwd_metal(const AttentionParams& p) {
-    const size_t ws_bytes = bwd_workspace_size(p);
-    if (p.workspace_bytes < ws_bytes)
-        throw Error(ErrorKind::invalid_argument,
-                    "orchard::backward: the Metal backend needs a workspace of " +
-                        std::to_string(ws_bytes) +
-                        " bytes (orchard::backward_workspace_size) but got " +
-                        std::to_string(p.workspace_bytes));
+    // The core has checked that the workspace holds bwd_workspace_size(p) bytes.
     @autoreleasepool {
         Encoder e(runtime(), p);
         const ByteOffsets& o = p.offsets;

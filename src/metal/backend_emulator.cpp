@@ -136,13 +136,8 @@ void attention_fwd_metal(const AttentionParams& p) {
 }
 
 void attention_bwd_metal(const AttentionParams& p) {
+    // The core has checked that the workspace holds bwd_workspace_size(p) bytes.
     const size_t ws_bytes = bwd_workspace_size(p);
-    if (p.workspace_bytes < ws_bytes)
-        throw Error(ErrorKind::invalid_argument,
-                    "orchard::backward: the Metal backend needs a workspace of " +
-                        std::to_string(ws_bytes) +
-                        " bytes (orchard::backward_workspace_size) but got " +
-                        std::to_string(p.workspace_bytes));
     const msl::KernelParams kp = kernel_params(p);
     Buffers bufs(p);
     bufs.delta = tensor_buffer("delta (workspace)", p.workspace, 0, 4, {{int64_t(ws_bytes / 4), 1}});

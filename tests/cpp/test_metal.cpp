@@ -143,8 +143,8 @@ TEST(MetalBackward, NeedsCallerWorkspace) {
     } catch (const Error& e) {
         EXPECT_EQ(e.kind(), ErrorKind::invalid_argument);
         EXPECT_STREQ(e.what(),
-                     "orchard::backward: the Metal backend needs a workspace of 72 bytes "
-                     "(orchard::backward_workspace_size) but got 0");
+                     "orchard::backward: workspace has 0 bytes but the metal backend needs 72 "
+                     "(see backward_workspace_size)");
     }
 }
 
