@@ -82,12 +82,14 @@ def _dummy(device: str) -> torch.Tensor:
 def _params(params: torch.Tensor) -> list[int]:
     """The constant buffer as int64 words: compile_shader uploads a list of ints with setBytes,
     so the kernel's `constant KernelParams&` sees exactly these bytes."""
-    raw = bytes(params.numpy().tobytes())
+    raw = bytes(params.tolist())
     raw += b"\0" * (-len(raw) % 8)
     return list(struct.unpack(f"<{len(raw) // 8}q", raw))
 
 
 def _launch(name: str, args: list, grid, threads: int) -> None:
+    if 0 in grid:  # e.g. the preprocess of a problem without queries: nothing to run
+        return
     kernel = getattr(_library(), name)
     # dispatchThreads with whole threadgroups: threadgroup_position_in_grid is the grid index.
     kernel(*args, threads=(grid[0] * threads, grid[1], grid[2]), group_size=(threads, 1, 1))
@@ -97,7 +99,7 @@ def _grid(info: torch.Tensor, first: int):
     return tuple(int(x) for x in info[first:first + 3])
 
 
-@torch.library.impl("orchard::fwd", "MPS")
+@torch.library.impl("orchard::fwd", "mps")
 def _fwd_mps(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
              softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, rng,
              deterministic, op):
@@ -122,7 +124,7 @@ def _fwd_mps(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dr
     return out, lse
 
 
-@torch.library.impl("orchard::bwd", "MPS")
+@torch.library.impl("orchard::bwd", "mps")
 def _bwd_mps(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              dropout_p, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
              rng, deterministic, need_dq, need_dk, need_dv, op):

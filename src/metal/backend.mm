@@ -89,6 +89,7 @@ struct Encoder {
             [enc setBuffer:rt.unbound offset:0 atIndex:index];
     }
     void run(const std::string& name, Grid grid) {
+        if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;  // e.g. no queries: nothing to run
         [enc setComputePipelineState:pipeline(rt, name)];
         [enc setBytes:&params length:sizeof params atIndex:0];
         [enc dispatchThreadgroups:MTLSizeMake(grid.x, grid.y, grid.z)
