@@ -116,6 +116,7 @@ struct OptionArgs {
     double softcap;
     std::optional<Tensor> alibi_slopes;
     Tensor rng_state;  // int64 (2,) on the CPU: Philox seed and offset
+    int64_t q_position_offset, k_position_offset;  // last in the schemas, default 0
 };
 
 // The core's options; `op` must outlive them (op_name points into it).
@@ -135,6 +136,8 @@ orchard::AttentionOptions options_of(const std::string& op, const OptionArgs& a,
     o.cu_seqlens_k = optional_view(op, "cu_seqlens_k", a.cu_seqlens_k);
     o.max_seqlen_q = a.max_seqlen_q;
     o.max_seqlen_k = a.max_seqlen_k;
+    o.q_position_offset = a.q_position_offset;
+    o.k_position_offset = a.k_position_offset;
     if (a.dropout_p > 0) {
         const Tensor& rng = a.rng_state;
         if (!rng.is_cpu() || rng.scalar_type() != ScalarType::Long || rng.numel() != 2)
@@ -203,11 +206,13 @@ std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, std::optional<Tenso
                                std::optional<double> softmax_scale, bool causal,
                                int64_t window_left, int64_t window_right, double softcap,
                                std::optional<Tensor> alibi_slopes, Tensor rng_state,
-                               bool deterministic, std::string op) {
+                               bool deterministic, std::string op, int64_t q_position_offset,
+                               int64_t k_position_offset) {
     return guarded([&] {
-        const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              dropout_p,    softmax_scale, causal,      window_left,
-                              window_right, softcap,       alibi_slopes, rng_state};
+        const OptionArgs args{cu_seqlens_q,      cu_seqlens_k,     max_seqlen_q, max_seqlen_k,
+                              dropout_p,         softmax_scale,    causal,       window_left,
+                              window_right,      softcap,          alibi_slopes, rng_state,
+                              q_position_offset, k_position_offset};
         orchard::AttentionOptions o = options_of(op, args, deterministic);
         if (q.is_cuda()) {
             o.stream = current_cuda_stream(op, q.get_device_index());
@@ -239,11 +244,13 @@ std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v
                                        int64_t window_left, int64_t window_right, double softcap,
                                        std::optional<Tensor> alibi_slopes, Tensor rng_state,
                                        bool deterministic, bool need_dq, bool need_dk,
-                                       bool need_dv, std::string op) {
+                                       bool need_dv, std::string op, int64_t q_position_offset,
+                                       int64_t k_position_offset) {
     return guarded([&] {
-        const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              dropout_p,    softmax_scale, causal,      window_left,
-                              window_right, softcap,       alibi_slopes, rng_state};
+        const OptionArgs args{cu_seqlens_q,      cu_seqlens_k,     max_seqlen_q, max_seqlen_k,
+                              dropout_p,         softmax_scale,    causal,       window_left,
+                              window_right,      softcap,          alibi_slopes, rng_state,
+                              q_position_offset, k_position_offset};
         orchard::AttentionOptions o = options_of(op, args, deterministic);
         if (q.is_cuda()) {
             const auto dir = orchard::Direction::backward;
@@ -305,11 +312,13 @@ std::tuple<Tensor, Tensor> metal_plan_fwd(Tensor q, Tensor k, Tensor v, Tensor o
                                           double dropout_p, std::optional<double> softmax_scale,
                                           bool causal, int64_t window_left, int64_t window_right,
                                           double softcap, std::optional<Tensor> alibi_slopes,
-                                          Tensor rng_state, bool deterministic, std::string op) {
+                                          Tensor rng_state, bool deterministic, std::string op,
+                                          int64_t q_position_offset, int64_t k_position_offset) {
     return guarded([&] {
-        const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              dropout_p,    softmax_scale, causal,      window_left,
-                              window_right, softcap,       alibi_slopes, rng_state};
+        const OptionArgs args{cu_seqlens_q,      cu_seqlens_k,     max_seqlen_q, max_seqlen_k,
+                              dropout_p,         softmax_scale,    causal,       window_left,
+                              window_right,      softcap,          alibi_slopes, rng_state,
+                              q_position_offset, k_position_offset};
         const orchard::AttentionOptions o = options_of(op, args, deterministic);
         return plan_tensors(orchard::metal_forward_plan(
             {.q = view_of(op, "q", q), .k = view_of(op, "k", k), .v = view_of(op, "v", v),
@@ -325,11 +334,13 @@ std::tuple<Tensor, Tensor> metal_plan_bwd(
     int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, std::optional<Tensor> alibi_slopes, Tensor rng_state, bool deterministic,
-    bool need_dq, bool need_dk, bool need_dv, std::string op) {
+    bool need_dq, bool need_dk, bool need_dv, std::string op, int64_t q_position_offset,
+    int64_t k_position_offset) {
     return guarded([&] {
-        const OptionArgs args{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              dropout_p,    softmax_scale, causal,      window_left,
-                              window_right, softcap,       alibi_slopes, rng_state};
+        const OptionArgs args{cu_seqlens_q,      cu_seqlens_k,     max_seqlen_q, max_seqlen_k,
+                              dropout_p,         softmax_scale,    causal,       window_left,
+                              window_right,      softcap,          alibi_slopes, rng_state,
+                              q_position_offset, k_position_offset};
         const orchard::AttentionOptions o = options_of(op, args, deterministic);
         auto grad_view = [&](const char* name, const Tensor& g, bool needed) {
             return needed ? view_of(op, name, g) : orchard::TensorView{};
@@ -370,24 +381,27 @@ STABLE_TORCH_LIBRARY(orchard, m) {
     m.def("fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
           "int max_seqlen_q, int max_seqlen_k, float dropout_p, float? softmax_scale, "
           "bool causal, int window_left, int window_right, float softcap, "
-          "Tensor? alibi_slopes, Tensor rng_state, bool deterministic, str op) -> (Tensor, Tensor)");
+          "Tensor? alibi_slopes, Tensor rng_state, bool deterministic, str op, "
+          "int q_position_offset=0, int k_position_offset=0) -> (Tensor, Tensor)");
     m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
           "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
           "float dropout_p, float? softmax_scale, bool causal, int window_left, "
           "int window_right, float softcap, Tensor? alibi_slopes, Tensor rng_state, "
-          "bool deterministic, bool need_dq, bool need_dk, bool need_dv, str op) "
-          "-> (Tensor, Tensor, Tensor)");
+          "bool deterministic, bool need_dq, bool need_dk, bool need_dv, str op, "
+          "int q_position_offset=0, int k_position_offset=0) -> (Tensor, Tensor, Tensor)");
     m.def("metal_plan_fwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
           "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
           "float dropout_p, float? softmax_scale, bool causal, int window_left, "
           "int window_right, float softcap, Tensor? alibi_slopes, Tensor rng_state, "
-          "bool deterministic, str op) -> (Tensor, Tensor)");
+          "bool deterministic, str op, int q_position_offset=0, int k_position_offset=0) "
+          "-> (Tensor, Tensor)");
     m.def("metal_plan_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
           "Tensor dq, Tensor dk, Tensor dv, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
           "int max_seqlen_q, int max_seqlen_k, float dropout_p, float? softmax_scale, "
           "bool causal, int window_left, int window_right, float softcap, "
           "Tensor? alibi_slopes, Tensor rng_state, bool deterministic, bool need_dq, "
-          "bool need_dk, bool need_dv, str op) -> (Tensor, Tensor)");
+          "bool need_dk, bool need_dv, str op, int q_position_offset=0, "
+          "int k_position_offset=0) -> (Tensor, Tensor)");
     m.def("stats() -> Tensor");
     m.def("reset_stats() -> ()");
     m.def("note_fallback(str op, bool backward, str used, str reason) -> ()");

@@ -29,6 +29,15 @@ struct AttentionOptions {
     double dropout_p = 0.0;       // on P, in [0, 1); kept values scaled by 1 / (1 - p)
     uint64_t seed = 0;            // Philox key (see DESIGN.md "Dropout")
     uint64_t offset = 0;          // Philox counter word 3; must be < 2^32
+    // Positions of the first query / key of this call in the full sequence, for a block of a
+    // longer attention (ring / context parallelism). With them, query i and key j stand at
+    // I = q_position_offset + i and J = k_position_offset + j, and I, J replace i, j in the
+    // mask (I + Sk - Sq - left <= J <= I + Sk - Sq + right), ALiBi and the dropout counter.
+    // A call on q rows [a, a + Sq) and keys [c, c + Sk) of a full attention with the same
+    // Sk - Sq (e.g. equal-length shards of self-attention) reproduces that block exactly.
+    // Each sequence of the batch is shifted alike; >= 0, positions < 2^32; not with varlen.
+    int64_t q_position_offset = 0;
+    int64_t k_position_offset = 0;
     bool deterministic = false;   // GPU backwards only; the CPU backward is always deterministic
     Backend backend = Backend::automatic;
     void* stream = nullptr;       // cudaStream_t / MTLCommandQueue; ignored on the CPU

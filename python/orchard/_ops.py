@@ -62,7 +62,7 @@ def _check_devices(op: str, q, **tensors) -> None:
 @torch.library.register_fake("orchard::fwd")
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
               softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, rng,
-              deterministic, op):
+              deterministic, op, q_position_offset=0, k_position_offset=0):
     _check_devices(op, q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                    alibi_slopes=alibi_slopes)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
@@ -75,7 +75,8 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, d
 
 _OPTION_NAMES = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
                  "softmax_scale", "causal", "window_left", "window_right", "softcap",
-                 "alibi_slopes", "rng", "deterministic", "op")
+                 "alibi_slopes", "rng", "deterministic", "op", "q_position_offset",
+                 "k_position_offset")
 
 
 def _fwd_setup(ctx, inputs, output):
@@ -92,14 +93,16 @@ def _fwd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi, rng = ctx.saved_tensors
     o = ctx.options
     needs = ctx.needs_input_grad[:3]
+    n_options = len(_OPTION_NAMES)
     if not any(needs):
-        return (None,) * 17
+        return (None,) * (3 + n_options)
     # Only the gradients autograd asks for are computed.
     grads = call(ops.bwd, dout, q, k, v, out, lse, cu_q, cu_k, o["max_seqlen_q"],
                  o["max_seqlen_k"], o["dropout_p"], o["softmax_scale"], o["causal"],
                  o["window_left"], o["window_right"], o["softcap"], alibi, rng,
-                 o["deterministic"], *needs, o["op"])
-    return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * 14
+                 o["deterministic"], *needs, o["op"], o["q_position_offset"],
+                 o["k_position_offset"])
+    return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * n_options
 
 
 torch.library.register_autograd("orchard::fwd", _fwd_backward, setup_context=_fwd_setup)
@@ -108,7 +111,8 @@ torch.library.register_autograd("orchard::fwd", _fwd_backward, setup_context=_fw
 @torch.library.register_fake("orchard::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               dropout_p, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-              rng, deterministic, need_dq, need_dk, need_dv, op):
+              rng, deterministic, need_dq, need_dk, need_dv, op, q_position_offset=0,
+              k_position_offset=0):
     _check_devices(op, q, dout=dout, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q,
                    cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     # A gradient not asked for comes back as an empty (0,) tensor.

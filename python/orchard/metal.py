@@ -102,7 +102,7 @@ def _grid(info: torch.Tensor, first: int):
 @torch.library.impl("orchard::fwd", "mps")
 def _fwd_mps(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
              softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, rng,
-             deterministic, op):
+             deterministic, op, q_position_offset=0, k_position_offset=0):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -111,7 +111,7 @@ def _fwd_mps(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dr
     params, info = _ops.call(_ops.ops.metal_plan_fwd, q, k, v, out, lse, cu_seqlens_q,
                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                              causal, window_left, window_right, softcap, alibi_slopes, rng,
-                             deterministic, op)
+                             deterministic, op, q_position_offset, k_position_offset)
     if int(info[0]):
         return out, lse
     dummy = _dummy(str(q.device))
@@ -127,13 +127,15 @@ def _fwd_mps(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dr
 @torch.library.impl("orchard::bwd", "mps")
 def _bwd_mps(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              dropout_p, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-             rng, deterministic, need_dq, need_dk, need_dv, op):
+             rng, deterministic, need_dq, need_dk, need_dv, op, q_position_offset=0,
+             k_position_offset=0):
     dq, dk, dv = (x.new_empty(x.shape if need else (0,))
                   for x, need in ((q, need_dq), (k, need_dk), (v, need_dv)))
     params, info = _ops.call(_ops.ops.metal_plan_bwd, dout, q, k, v, out, lse, dq, dk, dv,
                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                              softmax_scale, causal, window_left, window_right, softcap,
-                             alibi_slopes, rng, deterministic, need_dq, need_dk, need_dv, op)
+                             alibi_slopes, rng, deterministic, need_dq, need_dk, need_dv, op,
+                             q_position_offset, k_position_offset)
     if int(info[0]):
         return dq, dk, dv
     dummy = _dummy(str(q.device))

@@ -39,8 +39,10 @@ std::string describe(Direction dir, const PreparedCall& call, int64_t n, const s
        << " device=" << to_string(p.device.kind) << ":" << p.device.index
        << " varlen=" << p.is_varlen() << " window=(" << window_str(p.window_left) << ","
        << window_str(p.window_right) << ") scale=" << p.scale << " softcap=" << p.softcap
-       << " alibi=" << (p.alibi_slopes != nullptr) << " dropout=" << p.dropout_p
-       << " deterministic=" << p.deterministic << " " << (note.empty() ? "fallback=none" : note);
+       << " alibi=" << (p.alibi_slopes != nullptr) << " dropout=" << p.dropout_p;
+    if (p.q_position_offset != 0 || p.k_position_offset != 0)
+        os << " positions=(" << p.q_position_offset << "," << p.k_position_offset << ")";
+    os << " deterministic=" << p.deterministic << " " << (note.empty() ? "fallback=none" : note);
     return os.str();
 }
 

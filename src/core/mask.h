@@ -10,7 +10,8 @@ struct Span {
     int64_t lo, hi;  // [lo, hi)
 };
 
-// Keys visible to query i of a sequence with sq queries and sk keys (diag = sk - sq):
+// Keys visible to query i of a sequence with sq queries and sk keys (diag =
+// AttentionParams::diag(b), sk - sq without position offsets):
 // i + diag - left <= j <= i + diag + right, within [0, sk). Empty when lo >= hi.
 ORCHARD_HD Span visible_keys(int64_t i, int64_t diag, int64_t left, int64_t right, int64_t sk) {
     const int64_t lo = i + diag - left, hi = i + diag + right + 1;

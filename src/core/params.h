@@ -64,7 +64,7 @@ struct AttentionParams {
     double softcap = 0.0;  // 0 = off
     const float* alibi_slopes = nullptr;  // slope of (b, h): alibi_slopes[b * alibi_b + h * alibi_h]
     int64_t alibi_b = 0, alibi_h = 0;
-    // Window relative to the diagonal i + Sk_b - Sq_b; kUnbounded when open. causal: right = 0.
+    // Window relative to the diagonal i + diag(b); kUnbounded when open. causal: right = 0.
     int64_t window_left = kUnbounded;
     int64_t window_right = kUnbounded;
 
@@ -75,6 +75,12 @@ struct AttentionParams {
     double rp_dropout = 1.0;  // 1 / (1 - p)
     uint64_t seed = 0;
     uint32_t offset = 0;
+
+    // Positions of this call's first query / key in the full sequence (DESIGN.md, "Position
+    // offsets"): masks, ALiBi and dropout use I = q_position_offset + i, J = k_position_offset + j.
+    // Both 0 with varlen.
+    int64_t q_position_offset = 0;
+    int64_t k_position_offset = 0;
 
     bool deterministic = false;
     void* stream = nullptr;
@@ -90,6 +96,12 @@ struct AttentionParams {
     }
     int64_t first_q(int64_t b) const { return is_varlen() ? cu_seqlens_q[b] : 0; }
     int64_t first_k(int64_t b) const { return is_varlen() ? cu_seqlens_k[b] : 0; }
+    // The diagonal in this call's indices: key j is visible to query i iff
+    // i + diag - left <= j <= i + diag + right, and ALiBi's distance is |i + diag - j|. It is
+    // I + Sk - Sq - J rewritten with the positions I, J of the offsets.
+    int64_t diag(int64_t b) const {
+        return seqlen_k(b) - seqlen_q(b) + q_position_offset - k_position_offset;
+    }
 };
 
 }  // namespace orchard

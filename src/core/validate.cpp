@@ -318,6 +318,24 @@ PreparedCall prepare_common(const std::string& op, const TensorView& q, const Te
     p.deterministic = o.deterministic;
     p.stream = o.stream;
 
+    if (o.q_position_offset != 0 || o.k_position_offset != 0) {
+        if (varlen)
+            invalid(op, "q_position_offset / k_position_offset are not supported with varlen "
+                    "inputs (cu_seqlens) but are (", o.q_position_offset, ", ",
+                    o.k_position_offset, ")");
+        // Positions are 32-bit words of the dropout counter (DESIGN.md).
+        constexpr int64_t kPositions = int64_t(1) << 32;
+        auto check = [&](const char* name, int64_t value, int64_t len, const char* len_name) {
+            if (value < 0 || value > kPositions - len)
+                invalid(op, name, " must be in [0, 2^32 - ", len_name, "] = [0, ",
+                        kPositions - len, "] (positions are 32-bit) but is ", value);
+        };
+        check("q_position_offset", o.q_position_offset, p.Sq, "Sq");
+        check("k_position_offset", o.k_position_offset, p.Sk, "Sk");
+        p.q_position_offset = o.q_position_offset;
+        p.k_position_offset = o.k_position_offset;
+    }
+
     call.ops = &pick_backend(op, o.backend, device);
     p.backend = call.ops->backend;
     call.nothing_to_do = p.B == 0 || Hq == 0 || q.shape[0] == 0 || (!varlen && p.Sq == 0);

@@ -109,7 +109,7 @@ void preprocess_task(const AttentionParams& p, A* dsum, int64_t bh) {
 template <class T, class A>
 void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_t b,
                int64_t hk, int64_t nb, A* dq_acc) {
-    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = p.diag(b);
     const int64_t j0 = nb * ts.block_k;
     if (j0 >= sk) return;
     const int64_t cols = std::min(ts.block_k, sk - j0), group = p.Hq / p.Hkv;
@@ -176,7 +176,7 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
 template <class T, class A>
 void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_t b, int64_t h,
              int64_t mb) {
-    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = p.diag(b);
     const int64_t i0 = mb * ts.block_q;
     if (i0 >= sq) return;
     const int64_t rows = std::min(ts.block_q, sq - i0), hk = h / (p.Hq / p.Hkv);

@@ -54,7 +54,7 @@ template <class T>
 void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h, int64_t mb) {
     using A = acc_t<T>;
     const int64_t L = lanes<A>();
-    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = p.diag(b);
     const int64_t i0 = mb * ts.block_q;
     if (i0 >= sq) return;
     const int64_t rows = std::min(ts.block_q, sq - i0);

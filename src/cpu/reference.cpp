@@ -19,7 +19,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 template <class T>
 void scores(const AttentionParams& p, int64_t b, int64_t h, std::vector<double>& s,
             std::vector<double>& t) {
-    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = p.diag(b);
     const int64_t hk = h / (p.Hq / p.Hkv);
     const double slope =
         p.alibi_slopes ? double(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : 0.0;
@@ -43,10 +43,12 @@ void scores(const AttentionParams& p, int64_t b, int64_t h, std::vector<double>&
     }
 }
 
-// Dropout multiplier of (i, j): 0 or 1 / (1 - p); 1 without dropout.
+// Dropout multiplier of (i, j): 0 or 1 / (1 - p); 1 without dropout. The mask is keyed on the
+// positions in the full sequence.
 double dropout_factor(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
     if (!p.dropout) return 1.0;
-    return dropout_keep(p.seed, p.offset, p.keep_threshold, b * p.Hq + h, i, j)
+    return dropout_keep(p.seed, p.offset, p.keep_threshold, b * p.Hq + h,
+                        p.q_position_offset + i, p.k_position_offset + j)
                ? p.rp_dropout
                : 0.0;
 }

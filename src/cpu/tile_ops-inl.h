@@ -119,7 +119,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t sa_i, int64_t sa_
 struct TileGeom {
     int64_t i0, rows;  // query positions [i0, i0 + rows) inside the sequence
     int64_t j0, cols;  // key positions [j0, j0 + cols)
-    int64_t diag;      // sk - sq of the sequence
+    int64_t diag;      // AttentionParams::diag(b) of the sequence
 };
 
 // A score tile is stored with queries along its rows (q_rows: (rows, ld), vectors run over
@@ -200,15 +200,17 @@ HWY_INLINE V exp_finite(D d, V x) {
 }
 
 // pd = p * dropout multiplier (0 or 1 / (1 - p)) of DESIGN.md's Philox mask, for head bh.
-// One Philox call covers four consecutive keys of one query.
+// One Philox call covers four consecutive keys of one query; the counter holds positions in the
+// full sequence (i, j plus the position offsets).
 template <Orient O, class A>
 void apply_dropout(const AttentionParams& p, int64_t bh, const TileGeom& g, const A* prob,
                    A* pd, int64_t ld) {
     const A kept = A(p.rp_dropout);
+    const int64_t qpos = p.q_position_offset, kpos = p.k_position_offset;
     for (int64_t i = g.i0; i < g.i0 + g.rows; ++i) {
         for (int64_t j = g.j0; j < g.j0 + g.cols;) {
-            const Philox4 w = dropout_words(p.seed, p.offset, bh, i, j / 4);
-            for (int64_t k = j % 4; k < 4 && j < g.j0 + g.cols; ++k, ++j) {
+            const Philox4 w = dropout_words(p.seed, p.offset, bh, qpos + i, (kpos + j) / 4);
+            for (int64_t k = (kpos + j) % 4; k < 4 && j < g.j0 + g.cols; ++k, ++j) {
                 const int64_t o = O == Orient::q_rows ? (i - g.i0) * ld + (j - g.j0)
                                                       : (j - g.j0) * ld + (i - g.i0);
                 pd[o] = w.x[k] < p.keep_threshold ? prob[o] * kept : A(0);

@@ -64,7 +64,7 @@ __device__ __forceinline__ uint32_t keep_bits(const KernelParams& p, int64_t bh,
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const auto [i, j] = ij(tile, c);
-            if (dropout_word(dropout_words(p.seed, p.offset, bh, i, j / 4), j) < p.keep_threshold)
+            if (dropout_word(dropout_words_at(p, bh, i, j), p.k_pos + j) < p.keep_threshold)
                 bits |= 1u << (tile * 4 + c);
         }
     return bits;
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
     if (n0 >= s.sk) return;
     const int group = p.Hq / p.Hkv;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int64_t diag = s.sk - s.sq;
+    const int64_t diag = s.diag;
 
     const Span qs = queries_seeing(n0, min(n0 + kBN, s.sk), diag, p.window_left, p.window_right, s.sq);
     const int m_first = int(qs.lo / kBM);
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
     if (m0 >= s.sq) return;
     const int hk = h / (p.Hq / p.Hkv);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int64_t diag = s.sk - s.sq;
+    const int64_t diag = s.diag;
     const ScoreMod mod = score_mod(p, b, h);
     const int64_t bh = int64_t(b) * p.Hq + h;
 

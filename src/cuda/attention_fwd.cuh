@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
     if (m0 >= s.sq) return;
     const int hk = h / (p.Hq / p.Hkv);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int64_t diag = s.sk - s.sq;
+    const int64_t diag = s.diag;
     const ScoreMod mod = score_mod(p, b, h);
 
     const T* q = row_ptr<T>(p.q, p.q_st, b, s.first_q, h);
@@ -184,11 +184,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
                 for (int x = 0; x < 2 * kNT; ++x) {
                     const int rr = x / kNT, nt = x % kNT;
                     const int64_t i = m0 + warp_row0 + mf * 16 + g + rr * 8;
-                    const int64_t j = n0 + nt * 8 + 2 * t;  // j % 4 is 0 or 2: words (0, 1) or (2, 3)
-                    const Philox4 w = dropout_words(p.seed, p.offset, int64_t(b) * p.Hq + h, i, j / 4);
-                    const bool upper = (t & 1) != 0;
-                    keep |= uint32_t((upper ? w.x[2] : w.x[0]) < p.keep_threshold) << (nt * 4 + rr * 2);
-                    keep |= uint32_t((upper ? w.x[3] : w.x[1]) < p.keep_threshold) << (nt * 4 + rr * 2 + 1);
+                    const int64_t j = n0 + nt * 8 + 2 * t, bh = int64_t(b) * p.Hq + h;
+                    // Keys j, j + 1 share one Philox call unless a key offset puts them in two.
+                    const Philox4 w = dropout_words_at(p, bh, i, j);
+                    const int64_t J = p.k_pos + j;
+                    const uint32_t u1 = (J & 3) == 3 ? dropout_words_at(p, bh, i, j + 1).x[0]
+                                                     : dropout_word(w, J + 1);
+                    keep |= uint32_t(dropout_word(w, J) < p.keep_threshold) << (nt * 4 + rr * 2);
+                    keep |= uint32_t(u1 < p.keep_threshold) << (nt * 4 + rr * 2 + 1);
                 }
 #pragma unroll
                 for (int nt = 0; nt < kNT; ++nt)

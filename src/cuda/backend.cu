@@ -31,6 +31,7 @@ KernelParams make_kernel_params(const AttentionParams& a) {
     p.softcap = float(a.softcap);
     p.alibi = a.alibi_slopes, p.alibi_b = a.alibi_b, p.alibi_h = a.alibi_h;
     p.window_left = a.window_left, p.window_right = a.window_right;
+    p.q_pos = a.q_position_offset, p.k_pos = a.k_position_offset;
     p.dropout = a.dropout, p.keep_threshold = a.keep_threshold;
     p.rp_dropout = float(a.rp_dropout), p.seed = a.seed, p.offset = a.offset;
     p.delta = static_cast<float*>(a.workspace);

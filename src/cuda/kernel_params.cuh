@@ -38,6 +38,9 @@ struct KernelParams {
     const float* alibi;
     int64_t alibi_b, alibi_h;
     int64_t window_left, window_right;  // kUnbounded when open
+    // Positions of this call's first query / key in a longer sequence (ring attention): masks,
+    // ALiBi and dropout use I = q_pos + i, J = k_pos + j (DESIGN.md). Not with varlen.
+    int64_t q_pos, k_pos;
     bool dropout;
     uint32_t keep_threshold;
     float rp_dropout;
@@ -49,14 +52,15 @@ struct KernelParams {
 // max_seqlen so that a bad cu_seqlens cannot make a kernel write out of bounds.
 struct Seq {
     int64_t first_q, first_k, sq, sk;
+    int64_t diag;  // key j is visible to query i iff i + diag - left <= j <= i + diag + right
 };
 
 __device__ __forceinline__ Seq seq_of(const KernelParams& p, int b) {
-    if (p.cu_q == nullptr) return {0, 0, p.Sq, p.Sk};
+    if (p.cu_q == nullptr) return {0, 0, p.Sq, p.Sk, p.Sk - p.Sq + p.q_pos - p.k_pos};
     const int64_t fq = p.cu_q[b], fk = p.cu_k[b];
     const int64_t sq = min(max(int64_t(p.cu_q[b + 1]) - fq, int64_t(0)), p.Sq);
     const int64_t sk = min(max(int64_t(p.cu_k[b + 1]) - fk, int64_t(0)), p.Sk);
-    return {fq, fk, sq, sk};
+    return {fq, fk, sq, sk, sk - sq};
 }
 
 template <class T>
@@ -103,6 +107,12 @@ __device__ __forceinline__ ScoreMod score_mod(const KernelParams& p, int b, int 
             p.softcap <= 0.f && p.alibi == nullptr && p.scale > 0.f};
 }
 
+// The dropout words of query i, keys 4 * (j / 4).. of head bh (this call's indices).
+__device__ __forceinline__ Philox4 dropout_words_at(const KernelParams& p, int64_t bh, int64_t i,
+                                                    int64_t j) {
+    return dropout_words(p.seed, p.offset, bh, p.q_pos + i, (p.k_pos + j) / 4);
+}
+
 // Dropout word j % 4 of a Philox output, by selects: a run-time array index would put the four
 // words in local memory.
 __device__ __forceinline__ uint32_t dropout_word(const Philox4& w, int64_t j) {
@@ -114,11 +124,10 @@ __device__ __forceinline__ uint32_t dropout_word(const Philox4& w, int64_t j) {
 // sequence): then no element of the tile needs a mask test.
 __device__ __forceinline__ bool tile_fully_visible(const KernelParams& p, const Seq& s, int64_t m0,
                                                    int bm, int64_t n0, int bn) {
-    const int64_t diag = s.sk - s.sq;
     const int64_t last_q = min(m0 + bm, s.sq) - 1;
     if (n0 + bn > s.sk) return false;
-    return visible_keys(last_q, diag, p.window_left, p.window_right, s.sk).lo <= n0 &&
-           visible_keys(m0, diag, p.window_left, p.window_right, s.sk).hi >= n0 + bn;
+    return visible_keys(last_q, s.diag, p.window_left, p.window_right, s.sk).lo <= n0 &&
+           visible_keys(m0, s.diag, p.window_left, p.window_right, s.sk).hi >= n0 + bn;
 }
 
 KernelParams make_kernel_params(const AttentionParams& params);

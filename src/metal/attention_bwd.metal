@@ -64,7 +64,7 @@ template <typename T, int DMAX>
     const Seq seq = sequence(p, cu_q, cu_k, b);
     const long jb = long(tgid.x) * kBlockRows;
     if (jb >= seq.sk) return;  // the whole threadgroup: this sequence is shorter than the grid
-    const long diag = seq.sk - seq.sq, j0 = jb + 8 * sg;
+    const long diag = diagonal(p, seq), j0 = jb + 8 * sg;
     // Queries that see any key of the threadgroup.
     const Span rows = queries_seeing(jb, min(jb + kBlockRows, seq.sk), diag, p.window_left,
                                      p.window_right, seq.sq);
@@ -212,7 +212,7 @@ template <typename T, int DMAX>
     const Seq seq = sequence(p, cu_q, cu_k, b);
     const long i0 = long(tgid.x) * kBlockRows;
     if (i0 >= seq.sq) return;  // the whole threadgroup: this sequence is shorter than the grid
-    const long diag = seq.sk - seq.sq, r0 = i0 + 8 * sg;
+    const long diag = diagonal(p, seq), r0 = i0 + 8 * sg;
     const long last = min(i0 + kBlockRows, seq.sq) - 1;
     const long j_lo = visible_keys(i0, diag, p.window_left, p.window_right, seq.sk).lo;
     const long j_hi = visible_keys(last, diag, p.window_left, p.window_right, seq.sk).hi;

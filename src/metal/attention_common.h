@@ -74,9 +74,18 @@ inline float probability(float s, float lse) {
 }
 
 // Dropout multiplier of (i, j) for head bh = b * Hq + h: 0 or 1 / (1 - p); 1 without dropout.
+// The mask is drawn at the positions I = q_pos + i, J = k_pos + j (DESIGN.md).
 inline float dropout_factor(constant KernelParams& p, long bh, long i, long j) {
     if (p.dropout == 0) return 1.0f;
-    return dropout_keep(p.seed, p.offset, p.keep_threshold, bh, i, j) ? p.rp_dropout : 0.0f;
+    return dropout_keep(p.seed, p.offset, p.keep_threshold, bh, p.q_pos + i, p.k_pos + j)
+               ? p.rp_dropout
+               : 0.0f;
+}
+
+// The diagonal in this call's indices (AttentionParams::diag): key j is visible to query i iff
+// i + diag - left <= j <= i + diag + right; ALiBi's distance is |i + diag - j|.
+inline long diagonal(constant KernelParams& p, Seq seq) {
+    return seq.sk - seq.sq + p.q_pos - p.k_pos;
 }
 
 inline float alibi_slope(constant KernelParams& p, device const float* alibi, int b, int h) {

@@ -33,7 +33,7 @@ template <typename T, int DMAX>
     const Seq seq = sequence(p, cu_q, cu_k, b);
     const long i0 = long(tgid.x) * kBlockRows;
     if (i0 >= seq.sq) return;  // the whole threadgroup: this sequence is shorter than the grid
-    const long diag = seq.sk - seq.sq, r0 = i0 + 8 * sg;
+    const long diag = diagonal(p, seq), r0 = i0 + 8 * sg;
     const long last = min(i0 + kBlockRows, seq.sq) - 1;
     // Keys seen by any row of the threadgroup (the window is monotone in i).
     const long j_lo = visible_keys(i0, diag, p.window_left, p.window_right, seq.sk).lo;

@@ -18,6 +18,8 @@ struct KernelParams {
     int64_t lse_st[3];
     int64_t alibi_b, alibi_h;             // slope of (b, h) = alibi[b * alibi_b + h * alibi_h]
     int64_t window_left, window_right;    // relative to the diagonal; 2^40 when unbounded
+    int64_t q_pos, k_pos;                 // position offsets: masks, ALiBi and dropout use
+                                          // I = q_pos + i, J = k_pos + j
     uint64_t seed;
     int32_t B, Sq, Sk, Hq, Hkv, D, Dv;    // varlen: Sq, Sk are the longest sequences
     int32_t total_q, total_k;             // varlen: tokens in q / k (cu_seqlens are clamped)

@@ -63,6 +63,8 @@ msl::KernelParams kernel_params(const AttentionParams& p) {
     k.alibi_h = p.alibi_h;
     k.window_left = p.window_left;
     k.window_right = p.window_right;
+    k.q_pos = p.q_position_offset;
+    k.k_pos = p.k_position_offset;
     k.seed = p.seed;
     k.B = int32_t(p.B);
     k.Sq = int32_t(p.Sq);

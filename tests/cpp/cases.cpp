@@ -120,6 +120,8 @@ AttentionOptions options_for(const Case& c, Inputs& in, Backend backend) {
     o.dropout_p = c.dropout;
     o.seed = c.seed;
     o.offset = c.offset;
+    o.q_position_offset = c.q_pos;
+    o.k_position_offset = c.k_pos;
     o.backend = backend;
     if (c.varlen()) {
         o.cu_seqlens_q = on_backend(in.cu_q.view(), backend);

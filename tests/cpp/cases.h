@@ -26,6 +26,7 @@ struct Case {
     Layout layout_q = Layout::contiguous, layout_kv = Layout::contiguous;
     Layout layout_out = Layout::contiguous;
     bool expand_kv = false;  // k / v passed as one head expanded (stride 0) to Hkv heads
+    int64_t q_pos = 0, k_pos = 0;  // position offsets (AttentionOptions::q/k_position_offset)
 
     bool varlen() const { return !seqlens_q.empty(); }
     int64_t dv() const { return Dv ? Dv : D; }

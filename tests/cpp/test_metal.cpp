@@ -65,6 +65,11 @@ std::vector<Param> metal_params() {
     const Case hd128{.name = "hdim128_gqa_causal", .B = 2, .Sq = 45, .Sk = 45, .Hq = 4, .Hkv = 2,
                      .D = 128, .causal = true};
     for (DType dt : {DType::f32, DType::f16, DType::bf16}) ps.push_back({hd128, dt});
+    // Position offsets (one block pair of ring attention): masks, ALiBi and dropout at I, J.
+    const Case positions{.name = "positions", .B = 2, .Sq = 40, .Sk = 50, .Hq = 4, .Hkv = 2,
+                         .causal = true, .left = 60, .alibi = 1, .dropout = 0.2, .q_pos = 70,
+                         .k_pos = 30};
+    for (DType dt : {DType::f32, DType::bf16}) ps.push_back({positions, dt});
     return ps;
 }
 

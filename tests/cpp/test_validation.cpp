@@ -504,6 +504,29 @@ TEST_F(Validation, DropoutOffsetTooLarge) {
     EXPECT_NO_THROW(backward());
 }
 
+TEST_F(Validation, PositionOffsetsOutOfRange) {
+    opt.q_position_offset = -1;
+    expect_both_error({"q_position_offset must be in [0, 2^32 - Sq] = [0, 4294967291] "
+                       "(positions are 32-bit) but is -1"});
+    opt.q_position_offset = 0;
+    opt.k_position_offset = (int64_t(1) << 32) - 4;
+    expect_both_error({"k_position_offset must be in [0, 2^32 - Sk] = [0, 4294967291] "
+                       "(positions are 32-bit) but is 4294967292"});
+    // The last positions are accepted (with dropout, whose counter holds them).
+    opt.dropout_p = 0.5;
+    opt.q_position_offset = (int64_t(1) << 32) - 5;
+    opt.k_position_offset = (int64_t(1) << 32) - 5;
+    EXPECT_NO_THROW(forward());
+    EXPECT_NO_THROW(backward());
+}
+
+TEST_F(Validation, PositionOffsetsWithVarlen) {
+    make_varlen({3, 4}, {5, 2});
+    opt.k_position_offset = 8;
+    expect_both_error({"q_position_offset / k_position_offset are not supported with varlen "
+                       "inputs (cu_seqlens) but are (0, 8)"});
+}
+
 // ---- Backends ---------------------------------------------------------------------------------
 
 TEST_F(Validation, BackendNeedsOtherDevice) {

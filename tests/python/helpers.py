@@ -65,12 +65,13 @@ def grads_of(out: torch.Tensor, dout: torch.Tensor, inputs) -> list:
 
 def fwd_op(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-           alibi_slopes=None, seed=0, offset=0, deterministic=False, op="tests.fwd"):
+           alibi_slopes=None, seed=0, offset=0, deterministic=False, op="tests.fwd",
+           q_position_offset=0, k_position_offset=0):
     """torch.ops.orchard.fwd with a known Philox (seed, offset): returns (out, lse)."""
     rng = torch.tensor([seed, offset], dtype=torch.int64)
     return _ops.call(FWD, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                      dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
-                     alibi_slopes, rng, deterministic, op)
+                     alibi_slopes, rng, deterministic, op, q_position_offset, k_position_offset)
 
 
 def orchard_attention(q, k, v, *, seed=0, offset=0, **options):

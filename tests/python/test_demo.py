@@ -1,10 +1,14 @@
-"""`python -m orchard demo` end to end at tiny sizes: exit status, PNG, JSON, checked counters."""
+"""`python -m orchard demo` end to end at tiny sizes: exit status, PNG, JSON, checked counters;
+its torchrun modes (context and data parallel) against one process."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 TINY = ["--steps", "5", "--seq-len", "32", "--batch-size", "4", "--layers", "2", "--dim", "32",
         "--heads", "4", "--kv-heads", "2", "--compare-steps", "3", "--min-drop", "0", "--quiet"]
@@ -54,3 +58,22 @@ def test_demo_fails_loudly_on_wrong_gradients(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(orchard, "flash_attn_func", lambda *a, **kw: real(*a, **kw) * 1.01)
     assert main(["demo", *TINY, "--threads", "0", "--out", str(tmp_path)]) == 1
     assert "FAILED: Orchard's gradients differ from the reference" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode, extra", [("context", ["--layout", "zigzag", "--window", "9"]),
+                                         ("data", [])])
+def test_demo_parallel_matches_one_process(tmp_path, mode, extra):
+    """`torchrun -m orchard demo --parallel ...` on 2 CPU processes (gloo): the same losses as
+    one process training the same model on the same full batches (checked by the demo)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "orchard", "demo", *TINY,
+                           "--parallel", mode, *extra, "--timeout", "60", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((out / f"parallel_{mode}_summary.json").read_text())
+    assert summary["mode"] == mode and summary["world_size"] == 2
+    assert len(summary["losses"]) == len(summary["one_process_losses"]) == 5
+    assert summary["max_abs_loss_diff"] <= summary["tolerance"] == 1e-4
+    assert f"{mode} parallel on 2 ranks vs one process, 5 steps" in proc.stdout

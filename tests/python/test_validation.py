@@ -43,10 +43,11 @@ def _fwd_args(rng=None, offset=0, dropout_p=0.0, cu_q=None):
 
 def _bwd(**replace):
     out, lse = FWD(*_fwd_args())
-    t = {"dout": randn(*out.shape), "q": Q, "k": K, "v": V, "out": out, "lse": lse, **replace}
+    t = {"dout": randn(*out.shape), "q": Q, "k": K, "v": V, "out": out, "lse": lse,
+         "q_position_offset": 0, "k_position_offset": 0, **replace}
     return raw(BWD, t["dout"], t["q"], t["k"], t["v"], t["out"], t["lse"], None, None, 0, 0,
                0.0, None, False, -1, -1, 0.0, None, torch.zeros(2, dtype=torch.int64), False,
-               True, True, True, "tests.op")
+               True, True, True, "tests.op", t["q_position_offset"], t["k_position_offset"])
 
 
 # name: (call, exception, fragments the message must contain)
@@ -114,6 +115,16 @@ BAD = {
                           ["tests.op", "cu_seqlens_q and cu_seqlens_k", "only cu_seqlens_q"]),
     "dropout_offset_too_big": (raw(FWD, *_fwd_args(offset=2**33, dropout_p=0.5)), ValueError,
                                ["tests.op", "offset must be < 2^32", "8589934592"]),
+    "q_position_offset_negative": (raw(FWD, *_fwd_args(), -1, 0), ValueError,
+                                   ["tests.op", "q_position_offset must be in [0, 2^32 - Sq]",
+                                    "but is -1"]),
+    "k_position_offset_too_big": (_bwd(k_position_offset=2**32 - 4), ValueError,
+                                  ["tests.op", "k_position_offset must be in [0, 2^32 - Sk] = "
+                                   "[0, 4294967291]", "but is 4294967292"]),
+    "position_offset_varlen": (raw(FWD, Q[0], K[0], V[0], _i32(0, 4), _i32(0, 5), 4, 5, 0.0,
+                                   None, False, -1, -1, 0.0, None, torch.zeros(2).long(), False,
+                                   "tests.op", 3, 0), ValueError,
+                               ["tests.op", "not supported with varlen", "are (3, 0)"]),
     "bwd_dout_shape": (_bwd(dout=randn(1, 4, 2, 7)), ValueError,
                        ["tests.op", "dout has shape (1, 4, 2, 7)", "expected (1, 4, 2, 8)"]),
     "bwd_lse_dtype": (_bwd(lse=torch.zeros(1, 2, 4, dtype=torch.float64)), ValueError,

@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(0: PyTorch's default, all cores)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar, only the checks and the summary")
+    p.add_argument("--parallel", default="none", choices=["none", "context", "data"],
+                   help="under torchrun: context (ring attention over sequence shards) or data "
+                        "(DDP) parallel training, checked against one process's losses")
+    p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"],
+                   help="how --parallel context shards the sequence")
+    p.add_argument("--timeout", type=float, default=300,
+                   help="--parallel: seconds a rank waits for the others before failing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
     from orchard.demo.train import DemoError, train
 
     try:
-        train(args)
+        if args.parallel == "none":
+            train(args)
+        else:
+            from orchard.demo.parallel import train_parallel
+
+            train_parallel(args)
     except DemoError as e:
         print(f"orchard demo: FAILED: {e}", flush=True)
         return 1

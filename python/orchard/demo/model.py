@@ -14,7 +14,8 @@ import orchard
 
 @dataclass
 class Config:
-    """Model shape and the attention implementation ("orchard" or "sdpa")."""
+    """Model shape and the attention implementation: "orchard", "sdpa", or "ring" (this
+    rank's shard of the sequence, ring attention over the default process group)."""
 
     seq_len: int = 128
     layers: int = 4
@@ -24,12 +25,18 @@ class Config:
     window: int = -1  # keys left of the diagonal each query sees; -1: all
     attention: str = "orchard"
     vocab: int = 256
+    ring_layout: str = "zigzag"  # how the sequence is sharded when attention == "ring"
 
 
-def causal_attention(q, k, v, window: int, impl: str) -> torch.Tensor:
-    """Causal attention over q (B, S, Hq, D), k and v (B, S, Hkv, D) -> (B, S, Hq, D)."""
+def causal_attention(q, k, v, window: int, impl: str, ring_layout: str) -> torch.Tensor:
+    """Causal attention over q (B, S, Hq, D), k and v (B, S, Hkv, D) -> (B, S, Hq, D); with
+    "ring", S is this rank's shard of the sequence."""
     if impl == "orchard":
         return orchard.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+    if impl == "ring":
+        return orchard.distributed.ring_flash_attn_func(q, k, v, causal=True,
+                                                        window_size=(window, 0),
+                                                        layout=ring_layout)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if window < 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -55,7 +62,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, s, self.c.heads + 2 * self.c.kv_heads, self.head_dim)
         # Strided views into the projection, handed to the kernel without copies.
         q, k, v = qkv.split([self.c.heads, self.c.kv_heads, self.c.kv_heads], dim=2)
-        out = causal_attention(q, k, v, self.c.window, self.c.attention)
+        out = causal_attention(q, k, v, self.c.window, self.c.attention, self.c.ring_layout)
         return self.proj(out.reshape(b, s, -1))
 
 
@@ -94,9 +101,12 @@ class GPT(nn.Module):
         """Switches every layer to "orchard" or "sdpa" (the config object is shared)."""
         self.c.attention = impl
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (float32) of predicting y from x, both (B, S) byte ids."""
-        h = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+    def forward(self, x: torch.Tensor, y: torch.Tensor, positions=None) -> torch.Tensor:
+        """Mean cross-entropy (float32) of predicting y from x, both (B, S) byte ids at
+        `positions` (S,) of the sequence (default 0..S-1; a shard's positions with "ring")."""
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        h = self.tok(x) + self.pos(positions)
         for block in self.blocks:
             h = block(h)
         logits = self.norm(h) @ self.tok.weight.t()
