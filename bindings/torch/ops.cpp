@@ -8,12 +8,14 @@
 
 #include <dlfcn.h>
 
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "orchard/attention.h"
+#include "orchard/metal.h"
 
 namespace {
 
@@ -77,6 +79,13 @@ orchard::TensorView view_of(const std::string& op, const char* name, const Tenso
     v.data = t.data_ptr();  // already includes the storage offset
     v.dtype = to_dtype(op, name, t.scalar_type());
     v.device = to_device(op, name, t);
+    if (v.device.kind == orchard::DeviceKind::metal) {
+        // A Metal view is (buffer handle, byte offset): MPS's data_ptr() is the storage's
+        // MTLBuffer handle advanced by the offset, so the handle is recovered by taking it off.
+        // (Only validation sees it: python/orchard/metal.py binds the tensors themselves.)
+        v.byte_offset = t.storage_offset() * orchard::element_size(v.dtype);
+        v.data = static_cast<char*>(v.data) - v.byte_offset;
+    }
     v.ndim = int(t.dim());
     for (int i = 0; i < v.ndim; ++i) {
         v.shape[i] = t.size(i);
@@ -275,6 +284,76 @@ std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v
     });
 }
 
+// A Metal launch plan for python/orchard/metal.py: the kernels' constant buffer as uint8 (n,)
+// and int64 [nothing_to_do, head_dim_bucket, dtype (0 float, 1 half, 2 bfloat),
+// grid_queries x y z, grid_keys x y z, threads_per_threadgroup, workspace_bytes], both on the CPU.
+std::tuple<Tensor, Tensor> plan_tensors(const orchard::MetalLaunchPlan& plan) {
+    Tensor params = torch::stable::empty({int64_t(plan.params.size())}, ScalarType::Byte);
+    std::memcpy(params.data_ptr(), plan.params.data(), plan.params.size());
+    Tensor info = torch::stable::empty({11}, ScalarType::Long);
+    auto* p = static_cast<int64_t*>(info.data_ptr());
+    p[0] = plan.nothing_to_do;
+    p[1] = plan.head_dim_bucket;
+    p[2] = plan.dtype == "half" ? 1 : plan.dtype == "bfloat" ? 2 : 0;
+    for (int i = 0; i < 3; ++i) {
+        p[3 + i] = plan.grid_queries[i];
+        p[6 + i] = plan.grid_keys[i];
+    }
+    p[9] = plan.threads_per_threadgroup;
+    p[10] = int64_t(plan.workspace_bytes);
+    return std::make_tuple(params, info);
+}
+
+// Validates a forward on MPS tensors (out, lse allocated by the caller) and plans its launch.
+std::tuple<Tensor, Tensor> metal_plan_fwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                          std::optional<Tensor> cu_seqlens_q,
+                                          std::optional<Tensor> cu_seqlens_k,
+                                          int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                          double dropout_p, std::optional<double> softmax_scale,
+                                          bool causal, int64_t window_left, int64_t window_right,
+                                          double softcap, std::optional<Tensor> alibi_slopes,
+                                          Tensor rng_state, bool deterministic, std::string op,
+                                          int64_t q_position_offset, int64_t k_position_offset) {
+    return guarded([&] {
+        const OptionArgs args{cu_seqlens_q,      cu_seqlens_k,     max_seqlen_q, max_seqlen_k,
+                              dropout_p,         softmax_scale,    causal,       window_left,
+                              window_right,      softcap,          alibi_slopes, rng_state,
+                              q_position_offset, k_position_offset};
+        const orchard::AttentionOptions o = options_of(op, args, deterministic);
+        return plan_tensors(orchard::metal_forward_plan(
+            {.q = view_of(op, "q", q), .k = view_of(op, "k", k), .v = view_of(op, "v", v),
+             .out = view_of(op, "out", out), .lse = view_of(op, "lse", lse)},
+            o));
+    });
+}
+
+// The same for a backward; gradients not needed are passed as empty (0,) tensors.
+std::tuple<Tensor, Tensor> metal_plan_bwd(
+    Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dq, Tensor dk,
+    Tensor dv, std::optional<Tensor> cu_seqlens_q, std::optional<Tensor> cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, std::optional<Tensor> alibi_slopes, Tensor rng_state, bool deterministic,
+    bool need_dq, bool need_dk, bool need_dv, std::string op, int64_t q_position_offset,
+    int64_t k_position_offset) {
+    return guarded([&] {
+        const OptionArgs args{cu_seqlens_q,      cu_seqlens_k,     max_seqlen_q, max_seqlen_k,
+                              dropout_p,         softmax_scale,    causal,       window_left,
+                              window_right,      softcap,          alibi_slopes, rng_state,
+                              q_position_offset, k_position_offset};
+        const orchard::AttentionOptions o = options_of(op, args, deterministic);
+        auto grad_view = [&](const char* name, const Tensor& g, bool needed) {
+            return needed ? view_of(op, name, g) : orchard::TensorView{};
+        };
+        return plan_tensors(orchard::metal_backward_plan(
+            {.q = view_of(op, "q", q), .k = view_of(op, "k", k), .v = view_of(op, "v", v),
+             .out = view_of(op, "out", out), .dout = view_of(op, "dout", dout),
+             .lse = view_of(op, "lse", lse), .dq = grad_view("dq", dq, need_dq),
+             .dk = grad_view("dk", dk, need_dk), .dv = grad_view("dv", dv, need_dv)},
+            o));
+    });
+}
+
 // Call counters: int64 (2, 5) [direction][backend], then fallbacks and staging copies (2,) each.
 Tensor stats() {
     const orchard::Stats s = orchard::stats();
@@ -310,6 +389,19 @@ STABLE_TORCH_LIBRARY(orchard, m) {
           "int window_right, float softcap, Tensor? alibi_slopes, Tensor rng_state, "
           "bool deterministic, bool need_dq, bool need_dk, bool need_dv, str op, "
           "int q_position_offset=0, int k_position_offset=0) -> (Tensor, Tensor, Tensor)");
+    m.def("metal_plan_fwd(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+          "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+          "float dropout_p, float? softmax_scale, bool causal, int window_left, "
+          "int window_right, float softcap, Tensor? alibi_slopes, Tensor rng_state, "
+          "bool deterministic, str op, int q_position_offset=0, int k_position_offset=0) "
+          "-> (Tensor, Tensor)");
+    m.def("metal_plan_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+          "Tensor dq, Tensor dk, Tensor dv, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+          "int max_seqlen_q, int max_seqlen_k, float dropout_p, float? softmax_scale, "
+          "bool causal, int window_left, int window_right, float softcap, "
+          "Tensor? alibi_slopes, Tensor rng_state, bool deterministic, bool need_dq, "
+          "bool need_dk, bool need_dv, str op, int q_position_offset=0, "
+          "int k_position_offset=0) -> (Tensor, Tensor)");
     m.def("stats() -> Tensor");
     m.def("reset_stats() -> ()");
     m.def("note_fallback(str op, bool backward, str used, str reason) -> ()");
@@ -331,4 +423,7 @@ STABLE_TORCH_LIBRARY_IMPL(orchard, CompositeExplicitAutograd, m) {
     m.impl("stats", TORCH_BOX(&stats));
     m.impl("reset_stats", TORCH_BOX(&reset_stats));
     m.impl("note_fallback", TORCH_BOX(&note_fallback));
+    // Plans read only shapes, strides and options (never device memory): any device.
+    m.impl("metal_plan_fwd", TORCH_BOX(&metal_plan_fwd));
+    m.impl("metal_plan_bwd", TORCH_BOX(&metal_plan_bwd));
 }

@@ -1,8 +1,6 @@
 // Which keys a query sees (bottom-right aligned causal / sliding window), for every backend.
+// Also compiled as Metal Shading Language by src/metal/*.metal (see core/philox.h).
 #pragma once
-
-#include <algorithm>
-#include <cstdint>
 
 #include "core/philox.h"
 

@@ -19,6 +19,14 @@ struct LseStrides {
     int64_t b = 0, h = 0, s = 0;
 };
 
+// Metal only: the byte offset of each tensor inside its buffer, since there the pointers below
+// are buffer handles (an MTLBuffer, or a host address in the emulator build). 0 on pointer
+// devices (CPU, CUDA), where the offset is already applied to the pointer.
+struct ByteOffsets {
+    int64_t q = 0, k = 0, v = 0, out = 0, lse = 0, dout = 0, dq = 0, dk = 0, dv = 0;
+    int64_t cu_seqlens_q = 0, cu_seqlens_k = 0, alibi_slopes = 0;
+};
+
 // "Unbounded" window edge: large enough to never clip, small enough never to overflow.
 inline constexpr int64_t kUnbounded = int64_t(1) << 40;
 
@@ -41,10 +49,14 @@ struct AttentionParams {
     void* dv = nullptr;
     Strides q_st, k_st, v_st, out_st, dout_st, dq_st, dk_st, dv_st;
     LseStrides lse_st;
+    ByteOffsets offsets;
 
     // Varlen (nullptr when padded): sequence b spans tokens [cu[b], cu[b + 1]).
     const int32_t* cu_seqlens_q = nullptr;
     const int32_t* cu_seqlens_k = nullptr;
+    // Varlen: tokens in q and k (their first dims), for device kernels that cannot read
+    // cu_seqlens on the host and must keep every sequence inside the tensors.
+    int64_t total_q = 0, total_k = 0;
 
     // Scores: s = scale * q.k; softcap; ALiBi; then masking by the window.
     // Options keep double precision so that the float64 path is exact; kernels narrow them.

@@ -1,7 +1,13 @@
 // Philox4x32-10 and the dropout mask of DESIGN.md, shared by every backend (host and device).
+// Also compiled as Metal Shading Language by src/metal/*.metal (__METAL_VERSION__), where the
+// fixed-width integer types come from <metal_stdlib> and double does not exist.
 #pragma once
 
+#if defined(__METAL_VERSION__)
+#include <metal_stdlib>
+#else
 #include <cstdint>
+#endif
 
 #if defined(__CUDACC__)
 #define ORCHARD_HD __host__ __device__ __forceinline__
@@ -35,11 +41,13 @@ ORCHARD_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
     return {{c0, c1, c2, c3}};
 }
 
-// keep_threshold = min(2^32 - 1, floor((1 - p) * 2^32)).
+#if !defined(__METAL_VERSION__)
+// keep_threshold = min(2^32 - 1, floor((1 - p) * 2^32)). Host only (Metal has no double).
 inline uint32_t dropout_keep_threshold(double p) {
     const double t = (1.0 - p) * 4294967296.0;
     return t >= 4294967295.0 ? 0xFFFFFFFFu : uint32_t(t);
 }
+#endif
 
 // The four dropout words of query i, keys [4 * (j / 4), 4 * (j / 4) + 4) of head `bh`
 // (= b * Hq + h); i and j are positions inside sequence b. Key j uses word j % 4.

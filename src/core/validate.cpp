@@ -133,6 +133,11 @@ const void* ptr(const TensorView& v) {
     return v.device.kind == DeviceKind::metal ? v.data : static_cast<const void*>(v.base());
 }
 
+// The byte offset that ptr() leaves to the backend (Metal binds buffer + offset).
+int64_t buffer_offset(const TensorView& v) {
+    return v.device.kind == DeviceKind::metal ? v.byte_offset : 0;
+}
+
 void check_cu_seqlens(const std::string& op, const char* name, const TensorView& cu, int64_t B,
                       int64_t total, int64_t& max_seqlen, const char* max_name) {
     if (cu.dtype != DType::i32) invalid(op, name, " has dtype ", to_string(cu.dtype), " but expected int32");
@@ -246,6 +251,10 @@ PreparedCall prepare_common(const std::string& op, const TensorView& q, const Te
         p.Sq = max_q; p.Sk = max_k;
         p.cu_seqlens_q = static_cast<const int32_t*>(ptr(o.cu_seqlens_q));
         p.cu_seqlens_k = static_cast<const int32_t*>(ptr(o.cu_seqlens_k));
+        p.total_q = q.shape[0];
+        p.total_k = k.shape[0];
+        p.offsets.cu_seqlens_q = buffer_offset(o.cu_seqlens_q);
+        p.offsets.cu_seqlens_k = buffer_offset(o.cu_seqlens_k);
         check_shape(op, {"out", &out}, {q.shape[0], Hq, Dv}, "(total_q, Hq, Dv)");
         check_shape(op, {"lse", &lse}, {Hq, q.shape[0]}, "(Hq, total_q)");
         p.lse_st = {0, lse.strides[0], lse.strides[1]};
@@ -258,6 +267,9 @@ PreparedCall prepare_common(const std::string& op, const TensorView& q, const Te
     p.q = ptr(q); p.k = ptr(k); p.v = ptr(v);
     p.out = const_cast<void*>(ptr(out));
     p.lse = static_cast<float*>(const_cast<void*>(ptr(lse)));
+    p.offsets.q = buffer_offset(q); p.offsets.k = buffer_offset(k); p.offsets.v = buffer_offset(v);
+    p.offsets.out = buffer_offset(out);
+    p.offsets.lse = buffer_offset(lse);
     p.q_st = bshd(q, varlen); p.k_st = bshd(k, varlen); p.v_st = bshd(v, varlen);
     p.out_st = bshd(out, varlen);
 
@@ -288,6 +300,7 @@ PreparedCall prepare_common(const std::string& op, const TensorView& q, const Te
             invalid(op, "alibi_slopes has shape ", shape_str(a), " but expected (", Hq,
                     ",) or (", p.B, ", ", Hq, ") = (Hq,) or (B, Hq)");
         p.alibi_slopes = static_cast<const float*>(ptr(a));
+        p.offsets.alibi_slopes = buffer_offset(a);
         p.alibi_b = per_batch ? a.strides[0] : 0;
         p.alibi_h = per_batch ? a.strides[1] : a.strides[0];
     }
@@ -388,6 +401,10 @@ PreparedCall prepare_backward(const BackwardArgs& a, const AttentionOptions& o, 
     p.dk = out_ptr(a.dk);
     p.dv = out_ptr(a.dv);
     p.dout_st = bshd(a.dout, varlen);
+    p.offsets.dout = buffer_offset(a.dout);
+    if (p.dq) p.offsets.dq = buffer_offset(a.dq);
+    if (p.dk) p.offsets.dk = buffer_offset(a.dk);
+    if (p.dv) p.offsets.dv = buffer_offset(a.dv);
     if (p.dq) p.dq_st = bshd(a.dq, varlen);
     if (p.dk) p.dk_st = bshd(a.dk, varlen);
     if (p.dv) p.dv_st = bshd(a.dv, varlen);

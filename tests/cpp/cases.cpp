@@ -104,6 +104,11 @@ Inputs make_inputs(const Case& c, DType dt, uint32_t seed) {
     return in;
 }
 
+TensorView on_backend(TensorView v, Backend backend) {
+    if (backend == Backend::metal && !v.empty_view()) v.device = {DeviceKind::metal, 0};
+    return v;
+}
+
 AttentionOptions options_for(const Case& c, Inputs& in, Backend backend) {
     AttentionOptions o;
     o.scale = c.scale;
@@ -111,14 +116,16 @@ AttentionOptions options_for(const Case& c, Inputs& in, Backend backend) {
     o.window_left = c.left;
     o.window_right = c.right;
     o.softcap = c.softcap;
-    if (c.alibi) o.alibi_slopes = in.alibi.view();
+    if (c.alibi) o.alibi_slopes = on_backend(in.alibi.view(), backend);
     o.dropout_p = c.dropout;
     o.seed = c.seed;
     o.offset = c.offset;
+    o.q_position_offset = c.q_pos;
+    o.k_position_offset = c.k_pos;
     o.backend = backend;
     if (c.varlen()) {
-        o.cu_seqlens_q = in.cu_q.view();
-        o.cu_seqlens_k = in.cu_k.view();
+        o.cu_seqlens_q = on_backend(in.cu_q.view(), backend);
+        o.cu_seqlens_k = on_backend(in.cu_k.view(), backend);
         o.max_seqlen_q = in.max_q;
         o.max_seqlen_k = in.max_k;
     }
@@ -139,12 +146,21 @@ Result run(const Case& c, Inputs& in, Tensor& q, Tensor& k, Tensor& v, Tensor& d
     Tensor out(dout.shape(), dt, out_layout);
     Tensor lse(lse_shape(c, in), DType::f32, out_layout);
     const AttentionOptions o = options_for(c, in, backend);
-    forward({.q = q.view(), .k = k.view(), .v = v.view(), .out = out.view(), .lse = lse.view()}, o);
+    auto at = [&](Tensor& t) { return on_backend(t.view(), backend); };
+    forward({.q = at(q), .k = at(k), .v = at(v), .out = at(out), .lse = at(lse)}, o);
     Tensor dq = like(q, dt, out_layout), dk(k.shape(), dt, out_layout), dv(v.shape(), dt, out_layout);
-    backward({.q = q.view(), .k = k.view(), .v = v.view(), .out = out.view(),
-              .dout = dout.view(), .lse = lse.view(), .dq = dq.view(), .dk = dk.view(),
-              .dv = dv.view()},
-             o);
+    const BackwardArgs args{.q = at(q), .k = at(k), .v = at(v), .out = at(out), .dout = at(dout),
+                            .lse = at(lse), .dq = at(dq), .dk = at(dk), .dv = at(dv)};
+    // GPU backends take their scratch from the caller (the CPU allocates its own when none).
+    Workspace ws;
+    std::vector<double> scratch;  // doubles: 8-byte aligned; rounded up to the 64-byte rule
+    if (backend == Backend::metal) {
+        const size_t bytes = backward_workspace_size(args, o);
+        scratch.resize(bytes / 8 + 16);
+        const auto addr = reinterpret_cast<uintptr_t>(scratch.data());
+        ws = {reinterpret_cast<void*>((addr + 63) / 64 * 64), bytes};
+    }
+    backward(args, o, ws);
     return {out.values(), lse.values(), dq.values(), dk.values(), dv.values()};
 }
 

@@ -26,6 +26,7 @@ struct Case {
     Layout layout_q = Layout::contiguous, layout_kv = Layout::contiguous;
     Layout layout_out = Layout::contiguous;
     bool expand_kv = false;  // k / v passed as one head expanded (stride 0) to Hkv heads
+    int64_t q_pos = 0, k_pos = 0;  // position offsets (AttentionOptions::q/k_position_offset)
 
     bool varlen() const { return !seqlens_q.empty(); }
     int64_t dv() const { return Dv ? Dv : D; }
@@ -46,6 +47,9 @@ struct Inputs {
 };
 
 Inputs make_inputs(const Case& c, DType dt, uint32_t seed = 1);
+// `v` as the backend's device sees it: Metal views name a buffer + byte offset (in the emulator
+// build the buffer handle is the host allocation itself).
+TensorView on_backend(TensorView v, Backend backend);
 AttentionOptions options_for(const Case& c, Inputs& in, Backend backend);
 // Runs forward then backward (dout from the inputs) on `backend` with `dt` storage.
 Result run_case(const Case& c, Inputs& in, DType dt, Backend backend);

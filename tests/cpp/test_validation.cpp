@@ -565,6 +565,10 @@ TEST_F(Validation, CudaNotBuilt) {
     else
         expect_both_error({"Orchard was built without the CUDA backend", "-DORCHARD_CUDA=ON"},
                           kUnsupported);
+}
+
+TEST_F(Validation, MetalNotBuilt) {
+    if (ORCHARD_TEST_METAL_BUILT) GTEST_SKIP() << "this build has the Metal backend (emulator)";
     set_device({DeviceKind::metal, 0});
     expect_both_error({"Orchard was built without the Metal backend"}, kUnsupported);
 }
