@@ -1,6 +1,8 @@
 // CPU feature detection for the SIMD dispatch (see simd_dispatch.h).
 #include "cpu/simd_dispatch.h"
 
+#include "cpu/gemm_bf16.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
@@ -15,7 +17,9 @@ SimdLevel detect() {
     // those also have F16C and LZCNT). The checks include the OS's support for the registers.
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-        return SimdLevel::avx512;
+        return __builtin_cpu_supports("avx512bf16") && gemm_bf16_compiled()
+                   ? SimdLevel::avx512_bf16
+                   : SimdLevel::avx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("bmi2"))
         return SimdLevel::avx2;
@@ -27,7 +31,8 @@ SimdLevel detect() {
 SimdLevel cap_from_env(SimdLevel level) {
     const char* env = std::getenv("ORCHARD_CPU_SIMD");
     if (env == nullptr) return level;
-    for (SimdLevel l : {SimdLevel::baseline, SimdLevel::sse4, SimdLevel::avx2, SimdLevel::avx512})
+    for (SimdLevel l : {SimdLevel::baseline, SimdLevel::sse4, SimdLevel::avx2, SimdLevel::avx512,
+                        SimdLevel::avx512_bf16})
         if (std::strcmp(env, to_string(l)) == 0) return l < level ? l : level;
     return level;
 }
@@ -41,6 +46,7 @@ SimdLevel simd_level() {
 
 const char* to_string(SimdLevel level) {
     switch (level) {
+        case SimdLevel::avx512_bf16: return "avx512_bf16";
         case SimdLevel::avx512: return "avx512";
         case SimdLevel::avx2: return "avx2";
         case SimdLevel::sse4: return "sse4";

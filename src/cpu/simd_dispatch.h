@@ -5,10 +5,13 @@
 
 namespace orchard::cpu {
 
-enum class SimdLevel { baseline, sse4, avx2, avx512 };
+// avx512_bf16: AVX-512 plus the bf16 dot-product instruction (vdpbf16ps); bf16 inputs then run
+// their block GEMMs on bf16 operands (gemm_bf16.h) instead of converting them to fp32.
+enum class SimdLevel { baseline, sse4, avx2, avx512, avx512_bf16 };
 
 // The best level this CPU and OS support, detected once. ORCHARD_CPU_SIMD=baseline|sse4|avx2|
-// avx512 caps it (to test the lower paths); it never raises it above what the CPU has.
+// avx512|avx512_bf16 caps it (to test the lower paths; avx512 is the kill switch of the bf16
+// GEMMs); it never raises it above what the CPU has.
 SimdLevel simd_level();
 
 const char* to_string(SimdLevel level);
