@@ -204,7 +204,7 @@ void fwd_typed(const AttentionParams& p) {
     const int64_t heads = p.B * p.Hq;
     constexpr bool kBf16 = std::is_same_v<T, bfloat16_t>;
     const bool bf16_dot = kBf16 && simd_level() >= SimdLevel::avx512_bf16;
-    if (bf16_dot) ++bf16_dot_calls();
+    if (bf16_dot) ++bf16_gemm_calls(simd_level() >= SimdLevel::amx);
     auto task = [&](int64_t t) {
         const int64_t mb = nb - 1 - t / heads, bh = t % heads;
         if (bf16_dot)

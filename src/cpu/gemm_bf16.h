@@ -1,6 +1,7 @@
-// bf16 block GEMMs with fp32 accumulation on the CPU's bf16 dot-product instruction
-// (AVX512-BF16 `vdpbf16ps`), and the packing into its operand layout. Used by the kernels for
-// bf16 inputs when simd_level() >= SimdLevel::avx512_bf16 (see docs/cpu_backend.md).
+// bf16 block GEMMs with fp32 accumulation on AMX tiles (`tdpbf16ps`) where the CPU and OS allow,
+// else on the AVX512-BF16 dot-product instruction (`vdpbf16ps`), and the packing into their
+// common operand layout. Used by the kernels for bf16 inputs when simd_level() >=
+// SimdLevel::avx512_bf16 (see docs/cpu_backend.md).
 //
 // Layouts (the "pair" or VNNI layout that AMX tiles use too):
 //   A (M, K)  bf16 row-major, leading dim lda (in bf16 elements), K even: a row's elements
@@ -42,9 +43,17 @@ void bf16_from_f32_transposed(uint16_t* dst, int64_t ldd, const float* src, int6
 // Whether this build holds the kernels (false: the stub of compilers without -mavx512bf16).
 bool gemm_bf16_compiled();
 
-// Number of forward / backward calls that ran on these kernels (for tests of the dispatch and of
-// the ORCHARD_CPU_SIMD kill switch).
-std::atomic<int64_t>& bf16_dot_calls();
+// Whether the CPU has AMX-BF16 and the OS granted this process the tile state (asks once per
+// call: simd_level() calls it once). False in builds without the AMX kernel.
+bool amx_usable();
+
+// The AMX part of gemm_bf16 (same arguments, no col_scale): M and K2 multiples of 16.
+void gemm_bf16_amx(bool accumulate, int64_t M, int64_t N, int64_t K2, const uint16_t* a,
+                   int64_t lda, const uint32_t* b, int64_t ldb, float* c, int64_t ldc);
+
+// Number of forward / backward calls whose GEMMs ran on bf16 operands, on AMX tiles (amx = true)
+// or on AVX512-BF16 alone (for tests of the dispatch and of the ORCHARD_CPU_SIMD kill switch).
+std::atomic<int64_t>& bf16_gemm_calls(bool amx);
 
 // Packing of strided bf16 inputs (scalar: they are O(rows x D) per block, the GEMMs O(rows x
 // cols x D)).

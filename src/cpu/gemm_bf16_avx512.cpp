@@ -1,11 +1,13 @@
 // The bf16 GEMM of gemm_bf16.h on AVX512-BF16 (vdpbf16ps: 16 fp32 lanes, each += the dot product
-// of one pair of bf16 from A and one from B). This file is compiled with -mavx512bf16; its
-// functions run only after simd_level() reported avx512_bf16.
+// of one pair of bf16 from A and one from B), handing whole tiles to AMX when simd_level() is
+// amx. This file is compiled with -mavx512bf16; its functions run only after simd_level()
+// reported avx512_bf16.
 #include <immintrin.h>
 
 #include <cstring>
 
 #include "cpu/gemm_bf16.h"
+#include "cpu/simd_dispatch.h"
 
 namespace orchard::cpu {
 namespace {
@@ -70,10 +72,30 @@ void gemm(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_t lda, cons
 void gemm_bf16(bool accumulate, int64_t M, int64_t N, int64_t K2, const uint16_t* a,
                int64_t lda, const uint32_t* b, int64_t ldb, float* c, int64_t ldc,
                const float* col_scale) {
-    if (accumulate)
-        gemm<true>(M, N, K2, a, lda, b, ldb, c, ldc, col_scale);
-    else
-        gemm<false>(M, N, K2, a, lda, b, ldb, c, ldc, nullptr);
+    auto vector_gemm = [&](int64_t m0, int64_t rows, int64_t k0, int64_t pairs, bool acc,
+                           const float* scale) {
+        const uint16_t* am = a + m0 * lda + 2 * k0;
+        const uint32_t* bk = b + k0 * ldb;
+        if (acc)
+            gemm<true>(rows, N, pairs, am, lda, bk, ldb, c + m0 * ldc, ldc, scale);
+        else
+            gemm<false>(rows, N, pairs, am, lda, bk, ldb, c + m0 * ldc, ldc, nullptr);
+    };
+    // AMX takes the rows and pairs of K that fill whole 16 x 16 tiles; the vector kernel the
+    // rest: the K tail of those rows (added after), and the last M % 16 rows.
+    const int64_t m_tiles = M / 16 * 16, k_tiles = K2 / 16 * 16;
+    if (simd_level() < SimdLevel::amx || m_tiles == 0 || k_tiles == 0) {
+        vector_gemm(0, M, 0, K2, accumulate, col_scale);
+        return;
+    }
+    if (accumulate && col_scale != nullptr)
+        for (int64_t i = 0; i < m_tiles; ++i)
+            for (int64_t n = 0; n < N; n += 16)
+                _mm512_storeu_ps(c + i * ldc + n, _mm512_mul_ps(_mm512_loadu_ps(c + i * ldc + n),
+                                                                _mm512_loadu_ps(col_scale + n)));
+    gemm_bf16_amx(accumulate, m_tiles, N, k_tiles, a, lda, b, ldb, c, ldc);
+    if (k_tiles < K2) vector_gemm(0, m_tiles, k_tiles, K2 - k_tiles, true, nullptr);
+    if (m_tiles < M) vector_gemm(m_tiles, M - m_tiles, 0, K2, accumulate, col_scale);
 }
 
 void pairs_from_f32(uint32_t* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows,
@@ -115,10 +137,5 @@ void bf16_from_f32_transposed(uint16_t* dst, int64_t ldd, const float* src, int6
 }
 
 bool gemm_bf16_compiled() { return true; }
-
-std::atomic<int64_t>& bf16_dot_calls() {
-    static std::atomic<int64_t> calls{0};
-    return calls;
-}
 
 }  // namespace orchard::cpu

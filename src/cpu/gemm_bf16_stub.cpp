@@ -19,9 +19,4 @@ void bf16_from_f32_transposed(uint16_t*, int64_t, const float*, int64_t, int64_t
 
 bool gemm_bf16_compiled() { return false; }
 
-std::atomic<int64_t>& bf16_dot_calls() {
-    static std::atomic<int64_t> calls{0};
-    return calls;
-}
-
 }  // namespace orchard::cpu

@@ -7,11 +7,12 @@ namespace orchard::cpu {
 
 // avx512_bf16: AVX-512 plus the bf16 dot-product instruction (vdpbf16ps); bf16 inputs then run
 // their block GEMMs on bf16 operands (gemm_bf16.h) instead of converting them to fp32.
-enum class SimdLevel { baseline, sse4, avx2, avx512, avx512_bf16 };
+// amx: also AMX-BF16 tiles, granted by the OS; those GEMMs then run on tiles.
+enum class SimdLevel { baseline, sse4, avx2, avx512, avx512_bf16, amx };
 
 // The best level this CPU and OS support, detected once. ORCHARD_CPU_SIMD=baseline|sse4|avx2|
-// avx512|avx512_bf16 caps it (to test the lower paths; avx512 is the kill switch of the bf16
-// GEMMs); it never raises it above what the CPU has.
+// avx512|avx512_bf16|amx caps it (to test the lower paths: avx512_bf16 turns AMX off, avx512 the
+// bf16 GEMMs altogether); it never raises it above what the CPU has.
 SimdLevel simd_level();
 
 const char* to_string(SimdLevel level);
