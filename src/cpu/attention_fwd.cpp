@@ -130,13 +130,36 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
                      [&](int64_t r, int64_t d) { return acc[r * ldv + d]; });
 }
 
-// fwd_task for bf16 inputs on the bf16 dot-product GEMMs (gemm_bf16.h; T = bfloat16_t,
-// simd_level() >= avx512_bf16). The same online softmax on S^T (bk, bq) in fp32; the GEMM
-// operands stay bf16, and P is rounded to bf16 for the P V product (as FlashAttention does on
-// GPUs). The accumulator is held transposed, acc^T (Dv, bq), so that P^T's pairs of keys are the
-// packed operand and the online softmax's rescale is a per-column factor.
-inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h,
-                          int64_t mb) {
+// v^T of every (batch, kv head) in bf16, the A operand of the bf16 P V product: (B, Hkv, Dv, ldk)
+// with ldk = round_up(Sk, 2), columns past the sequence zero. Packed once per call (the size of
+// v), so that query blocks do not each transpose every key block again.
+struct PackedVt {
+    Tile<uint16_t> data;
+    int64_t ldk;
+    const uint16_t* at(const AttentionParams& p, int64_t b, int64_t hk, int64_t j0) const {
+        return data.get() + ((b * p.Hkv + hk) * p.Dv) * ldk + j0;
+    }
+};
+
+inline PackedVt pack_vt(const AttentionParams& p) {
+    PackedVt vt{alloc_tile<uint16_t>(p.B * p.Hkv * p.Dv * round_up(p.Sk, 2)), round_up(p.Sk, 2)};
+    auto pack = [&](int64_t bh) {
+        const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
+        pack_bf16_transposed(const_cast<uint16_t*>(vt.at(p, b, hk, 0)), vt.ldk,
+                             at<const bfloat16_t>(p.v, p.v_st, b, p.first_k(b), 0, hk), p.v_st.s,
+                             p.v_st.d, p.seqlen_k(b), p.Dv, vt.ldk);
+    };
+    parallel_for(p.B * p.Hkv, pack);
+    return vt;
+}
+
+// fwd_task for bf16 inputs on the bf16 GEMMs (gemm_bf16.h: AMX tiles or AVX512-BF16; T =
+// bfloat16_t, simd_level() >= avx512_bf16). The same online softmax on S^T (bk, bq) in fp32; the
+// GEMM operands stay bf16, and P is rounded to bf16 for the P V product (as FlashAttention does
+// on GPUs). The accumulator is held transposed, acc^T (Dv, bq), so that P^T's pairs of keys are
+// the packed operand and the online softmax's rescale is a per-column factor.
+inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const PackedVt& vt,
+                          int64_t b, int64_t h, int64_t mb) {
     using T = bfloat16_t;
     const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
     const int64_t i0 = mb * ts.block_q;
@@ -146,11 +169,13 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, int64_t 
     const int64_t fq = p.first_q(b), fk = p.first_k(b);
     // Columns run over queries in 16-lane vectors; K dims are padded to even (pairs).
     const int64_t bk = ts.block_k, ldq = round_up(rows, 16), dp = round_up(p.D, 2);
+    // k is the A operand of S^T as it lies in memory when its rows hold whole pairs.
+    const bool k_in_place = p.k_st.d == 1 && p.D % 2 == 0;
 
     auto qt = alloc_tile<uint32_t>(dp / 2 * ldq);           // q^T pairs (D / 2, ldq)
-    auto k = alloc_tile<uint16_t>(bk * dp);                 // (bk, dp)
-    auto vt = alloc_tile<uint16_t>(p.Dv * round_up(bk, 2));  // v^T (Dv, cols_pad)
+    auto kb = alloc_tile<uint16_t>(k_in_place ? 0 : bk * dp);  // (bk, dp)
     auto pt = alloc_tile<uint32_t>(bk / 2 * ldq + ldq);     // P^T pairs (cols_pad / 2, ldq)
+    auto vt_last = alloc_tile<uint16_t>(2 * p.Dv);          // last key of an odd tile (Dv, 2)
     auto st = alloc_tile<float>(bk * ldq);                  // S^T, then P^T (bk, ldq)
     auto acc = alloc_tile<float>(p.Dv * ldq);               // acc^T (Dv, ldq)
     auto m = alloc_tile<float>(ldq);
@@ -170,14 +195,17 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, int64_t 
     const int64_t j_hi = std::max(last.hi, first.lo);
 
     for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
-        const int64_t cols = std::min(bk, j_hi - j0), cols_pad = round_up(cols, 2);
+        const int64_t cols = std::min(bk, j_hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
-        pack_bf16_rows(k.get(), dp, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
-                       cols, p.D, dp);
-        pack_bf16_transposed(vt.get(), cols_pad, at<const T>(p.v, p.v_st, b, fk, j0, hk),
-                             p.v_st.s, p.v_st.d, cols, p.Dv, cols_pad);
+        const T* k = at<const T>(p.k, p.k_st, b, fk, j0, hk);
+        const uint16_t* ka = reinterpret_cast<const uint16_t*>(k);
+        int64_t lda = p.k_st.s;
+        if (!k_in_place) {
+            pack_bf16_rows(kb.get(), dp, k, p.k_st.s, p.k_st.d, cols, p.D, dp);
+            ka = kb.get(), lda = dp;
+        }
         // S^T (cols, ldq) = k (cols, D) q^T (D, ldq), unscaled.
-        gemm_bf16(false, cols, ldq, dp / 2, k.get(), dp, qt.get(), ldq, st.get(), ldq);
+        gemm_bf16(false, cols, ldq, dp / 2, ka, lda, qt.get(), ldq, st.get(), ldq);
         float pre = score_prescale<float>(p);
         if (p.softcap > 0 || slope != 0.f || !fully_visible(p, g)) {
             finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<float*>(nullptr),
@@ -187,10 +215,19 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, int64_t 
         softmax_update(st.get(), cols, ldq, pre, m.get(), l.get(), alpha.get());
         if (p.dropout)
             apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, st.get(), st.get(), ldq);
-        // acc^T (Dv, ldq) = acc^T diag(alpha) + v^T (Dv, cols) P^T (cols, ldq), P^T in bf16.
+        // acc^T (Dv, ldq) = acc^T diag(alpha) + v^T (Dv, cols) P^T (cols, ldq), P^T in bf16. The
+        // key after an odd tile may be out of the window (or not finite): its pair comes from
+        // vt_last, with a zero partner.
         pairs_from_f32(pt.get(), ldq, st.get(), ldq, cols, ldq);
-        gemm_bf16(true, p.Dv, ldq, cols_pad / 2, vt.get(), cols_pad, pt.get(), ldq, acc.get(),
-                  ldq, alpha.get());
+        const uint16_t* va = vt.at(p, b, hk, j0);
+        gemm_bf16(true, p.Dv, ldq, cols / 2, va, vt.ldk, pt.get(), ldq, acc.get(), ldq,
+                  alpha.get());
+        if (cols % 2 == 1) {
+            for (int64_t d = 0; d < p.Dv; ++d)
+                vt_last[2 * d] = va[d * vt.ldk + cols - 1], vt_last[2 * d + 1] = 0;
+            gemm_bf16(true, p.Dv, ldq, 1, vt_last.get(), 2, pt.get() + cols / 2 * ldq, ldq,
+                      acc.get(), ldq);
+        }
     }
     store_out_lse<T>(p, b, h, i0, rows, m.get(), l.get(),
                      [&](int64_t r, int64_t d) { return acc[d * ldq + r]; });
@@ -205,10 +242,11 @@ void fwd_typed(const AttentionParams& p) {
     constexpr bool kBf16 = std::is_same_v<T, bfloat16_t>;
     const bool bf16_dot = kBf16 && simd_level() >= SimdLevel::avx512_bf16;
     if (bf16_dot) ++bf16_gemm_calls(simd_level() >= SimdLevel::amx);
+    const PackedVt vt = bf16_dot ? pack_vt(p) : PackedVt{alloc_tile<uint16_t>(0), 0};
     auto task = [&](int64_t t) {
         const int64_t mb = nb - 1 - t / heads, bh = t % heads;
         if (bf16_dot)
-            fwd_task_bf16(p, ts, bh / p.Hq, bh % p.Hq, mb);
+            fwd_task_bf16(p, ts, vt, bh / p.Hq, bh % p.Hq, mb);
         else
             fwd_task<T>(p, ts, bh / p.Hq, bh % p.Hq, mb);
     };
