@@ -16,6 +16,7 @@
 
 #include "core/thread_pool.h"
 #include "cpu/gemm_bf16.h"
+#include "cpu/packed_heads.h"
 #include "cpu/tile_ops-inl.h"
 #include "cpu/simd_dispatch.h"
 #include "cpu/tile_size.h"
@@ -130,35 +131,12 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
                      [&](int64_t r, int64_t d) { return acc[r * ldv + d]; });
 }
 
-// v^T of every (batch, kv head) in bf16, the A operand of the bf16 P V product: (B, Hkv, Dv, ldk)
-// with ldk = round_up(Sk, 2), columns past the sequence zero. Packed once per call (the size of
-// v), so that query blocks do not each transpose every key block again.
-struct PackedVt {
-    Tile<uint16_t> data;
-    int64_t ldk;
-    const uint16_t* at(const AttentionParams& p, int64_t b, int64_t hk, int64_t j0) const {
-        return data.get() + ((b * p.Hkv + hk) * p.Dv) * ldk + j0;
-    }
-};
-
-inline PackedVt pack_vt(const AttentionParams& p) {
-    PackedVt vt{alloc_tile<uint16_t>(p.B * p.Hkv * p.Dv * round_up(p.Sk, 2)), round_up(p.Sk, 2)};
-    auto pack = [&](int64_t bh) {
-        const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
-        pack_bf16_transposed(const_cast<uint16_t*>(vt.at(p, b, hk, 0)), vt.ldk,
-                             at<const bfloat16_t>(p.v, p.v_st, b, p.first_k(b), 0, hk), p.v_st.s,
-                             p.v_st.d, p.seqlen_k(b), p.Dv, vt.ldk);
-    };
-    parallel_for(p.B * p.Hkv, pack);
-    return vt;
-}
-
 // fwd_task for bf16 inputs on the bf16 GEMMs (gemm_bf16.h: AMX tiles or AVX512-BF16; T =
-// bfloat16_t, simd_level() >= avx512_bf16). The same online softmax on S^T (bk, bq) in fp32; the
+// bfloat16_t, bf16_gemms()). The same online softmax on S^T (bk, bq) in fp32; the
 // GEMM operands stay bf16, and P is rounded to bf16 for the P V product (as FlashAttention does
 // on GPUs). The accumulator is held transposed, acc^T (Dv, bq), so that P^T's pairs of keys are
 // the packed operand and the online softmax's rescale is a per-column factor.
-inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const PackedVt& vt,
+inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const PackedT& vt,
                           int64_t b, int64_t h, int64_t mb) {
     using T = bfloat16_t;
     const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
@@ -175,7 +153,7 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const Pa
     auto qt = alloc_tile<uint32_t>(dp / 2 * ldq);           // q^T pairs (D / 2, ldq)
     auto kb = alloc_tile<uint16_t>(k_in_place ? 0 : bk * dp);  // (bk, dp)
     auto pt = alloc_tile<uint32_t>(bk / 2 * ldq + ldq);     // P^T pairs (cols_pad / 2, ldq)
-    auto vt_last = alloc_tile<uint16_t>(2 * p.Dv);          // last key of an odd tile (Dv, 2)
+    auto last_pair = alloc_tile<uint16_t>(2 * p.Dv);        // gemm_bf16_k's scratch
     auto st = alloc_tile<float>(bk * ldq);                  // S^T, then P^T (bk, ldq)
     auto acc = alloc_tile<float>(p.Dv * ldq);               // acc^T (Dv, ldq)
     auto m = alloc_tile<float>(ldq);
@@ -215,19 +193,10 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const Pa
         softmax_update(st.get(), cols, ldq, pre, m.get(), l.get(), alpha.get());
         if (p.dropout)
             apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, st.get(), st.get(), ldq);
-        // acc^T (Dv, ldq) = acc^T diag(alpha) + v^T (Dv, cols) P^T (cols, ldq), P^T in bf16. The
-        // key after an odd tile may be out of the window (or not finite): its pair comes from
-        // vt_last, with a zero partner.
+        // acc^T (Dv, ldq) = acc^T diag(alpha) + v^T (Dv, cols) P^T (cols, ldq), P^T in bf16.
         pairs_from_f32(pt.get(), ldq, st.get(), ldq, cols, ldq);
-        const uint16_t* va = vt.at(p, b, hk, j0);
-        gemm_bf16(true, p.Dv, ldq, cols / 2, va, vt.ldk, pt.get(), ldq, acc.get(), ldq,
-                  alpha.get());
-        if (cols % 2 == 1) {
-            for (int64_t d = 0; d < p.Dv; ++d)
-                vt_last[2 * d] = va[d * vt.ldk + cols - 1], vt_last[2 * d + 1] = 0;
-            gemm_bf16(true, p.Dv, ldq, 1, vt_last.get(), 2, pt.get() + cols / 2 * ldq, ldq,
-                      acc.get(), ldq);
-        }
+        gemm_bf16_k(true, p.Dv, ldq, cols, vt.at(b, hk, j0), vt.ld, pt.get(), ldq, acc.get(), ldq,
+                    alpha.get(), last_pair.get());
     }
     store_out_lse<T>(p, b, h, i0, rows, m.get(), l.get(),
                      [&](int64_t r, int64_t d) { return acc[d * ldq + r]; });
@@ -240,9 +209,11 @@ void fwd_typed(const AttentionParams& p) {
     // Later query blocks see more keys under causal masks: hand them out first.
     const int64_t heads = p.B * p.Hq;
     constexpr bool kBf16 = std::is_same_v<T, bfloat16_t>;
-    const bool bf16_dot = kBf16 && simd_level() >= SimdLevel::avx512_bf16;
+    const bool bf16_dot = kBf16 && bf16_gemms();
     if (bf16_dot) ++bf16_gemm_calls(simd_level() >= SimdLevel::amx);
-    const PackedVt vt = bf16_dot ? pack_vt(p) : PackedVt{alloc_tile<uint16_t>(0), 0};
+    // v^T once per call (the size of v), so that query blocks do not each transpose it again.
+    const PackedT vt = bf16_dot ? pack_heads_transposed(p, p.v, p.v_st, p.Hkv, p.Dv, p.Sk, true)
+                                : PackedT{};
     auto task = [&](int64_t t) {
         const int64_t mb = nb - 1 - t / heads, bh = t % heads;
         if (bf16_dot)

@@ -30,6 +30,18 @@ void gemm_bf16(bool accumulate, int64_t M, int64_t N, int64_t K2, const uint16_t
 void pairs_from_f32(uint32_t* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows,
                     int64_t n);
 
+// gemm_bf16 over K elements, K odd allowed: element K of A's rows (past the tile: maybe another
+// query's or key's value, maybe not finite) is never read; the last pair is copied into scratch
+// (2 M bf16) with a zero partner.
+inline void gemm_bf16_k(bool accumulate, int64_t M, int64_t N, int64_t K, const uint16_t* a,
+                        int64_t lda, const uint32_t* b, int64_t ldb, float* c, int64_t ldc,
+                        const float* col_scale, uint16_t* scratch) {
+    gemm_bf16(accumulate, M, N, K / 2, a, lda, b, ldb, c, ldc, col_scale);
+    if (K % 2 == 0) return;
+    for (int64_t i = 0; i < M; ++i) scratch[2 * i] = a[i * lda + K - 1], scratch[2 * i + 1] = 0;
+    gemm_bf16(true, M, N, 1, scratch, 2, b + K / 2 * ldb, ldb, c, ldc);
+}
+
 // A operand from an fp32 tile: dst (rows, n) bf16 <- src (rows, n), rounded to nearest even.
 // n a multiple of 16.
 void bf16_from_f32(uint16_t* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows,

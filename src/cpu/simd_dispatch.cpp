@@ -45,6 +45,16 @@ SimdLevel simd_level() {
     return level;
 }
 
+bool bf16_gemms() {
+    static const bool on = [] {
+        const char* env = std::getenv("ORCHARD_CPU_BF16_GEMMS");
+        const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
+        return simd_level() >= SimdLevel::amx ||
+               (forced && simd_level() >= SimdLevel::avx512_bf16);
+    }();
+    return on;
+}
+
 std::atomic<int64_t>& bf16_gemm_calls(bool amx) {
     static std::atomic<int64_t> calls[2] = {0, 0};
     return calls[amx];

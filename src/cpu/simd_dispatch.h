@@ -17,6 +17,11 @@ SimdLevel simd_level();
 
 const char* to_string(SimdLevel level);
 
+// Whether bf16 inputs run their block GEMMs on bf16 operands (gemm_bf16.h) rather than converted
+// to fp32: at level amx. At avx512_bf16 only when ORCHARD_CPU_BF16_GEMMS=1, to test that path on
+// CPUs without AMX: vdpbf16ps alone ran the GEMMs at about half the speed of the fp32 FMA path.
+bool bf16_gemms();
+
 }  // namespace orchard::cpu
 
 // Targets compiled into this translation unit (x86; elsewhere only the static target).
