@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <regex>
+#include <string>
 #include <thread>
 
 #include "cases.h"
@@ -16,6 +17,7 @@
 #include "core/params.h"
 #include "core/philox.h"
 #include "core/thread_pool.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/simd_dispatch.h"
 #include "cpu/tile_size.h"
 
@@ -129,7 +131,7 @@ TEST(SimdDispatch, LevelIsCappedByTheEnvironment) {
     // the variable took effect (it can only lower the level).
     const char* env = std::getenv("ORCHARD_CPU_SIMD");
     if (env != nullptr) {
-        EXPECT_LE(int(cpu::simd_level()), int(cpu::SimdLevel::avx512));
+        EXPECT_LE(int(cpu::simd_level()), int(cpu::SimdLevel::avx512_bf16));
         EXPECT_STREQ(cpu::to_string(cpu::simd_level()), env);
     }
     EXPECT_STREQ(cpu::to_string(cpu::SimdLevel::avx2), "avx2");
@@ -223,21 +225,42 @@ Case fused_vs_two_pass_case() {
 TEST(Determinism, BackwardIsBitwiseIdenticalAcrossRunsAndThreadCounts) {
     ASSERT_FALSE(cpu::fuse_dq(3, 2, 0, false));
     ASSERT_TRUE(cpu::fuse_dq(3, 1, 0, false));
-    for (const Case& c : {determinism_case(), fused_vs_two_pass_case()}) {
-        Inputs in = make_inputs(c, DType::f32);
-        const int before = num_threads();
-        set_num_threads(2);
-        const Result first = run_case(c, in, DType::f32, Backend::cpu);
-        const Result again = run_case(c, in, DType::f32, Backend::cpu);
-        set_num_threads(1);
-        const Result serial = run_case(c, in, DType::f32, Backend::cpu);
-        set_num_threads(before);
-        for (const Result* r : {&again, &serial}) {
-            EXPECT_EQ(r->out, first.out) << c.name;
-            EXPECT_EQ(r->dq, first.dq) << c.name;
-            EXPECT_EQ(r->dk, first.dk) << c.name;
-            EXPECT_EQ(r->dv, first.dv) << c.name;
+    // bf16 runs on the bf16 GEMMs where cpu::bf16_gemms() (their own two-pass backward).
+    for (DType dt : {DType::f32, DType::bf16})
+        for (const Case& c : {determinism_case(), fused_vs_two_pass_case()}) {
+            Inputs in = make_inputs(c, dt);
+            const int before = num_threads();
+            set_num_threads(2);
+            const Result first = run_case(c, in, dt, Backend::cpu);
+            const Result again = run_case(c, in, dt, Backend::cpu);
+            set_num_threads(1);
+            const Result serial = run_case(c, in, dt, Backend::cpu);
+            set_num_threads(before);
+            for (const Result* r : {&again, &serial}) {
+                EXPECT_EQ(r->out, first.out) << case_name(c, dt);
+                EXPECT_EQ(r->dq, first.dq) << case_name(c, dt);
+                EXPECT_EQ(r->dk, first.dk) << case_name(c, dt);
+                EXPECT_EQ(r->dv, first.dv) << case_name(c, dt);
+            }
         }
+}
+
+TEST(SimdDispatch, Bf16GemmsRunExactlyWhereTheLevelAllows) {
+    // The ctest entries cases_simd_avx512_bf16 (AMX off) and cases_simd_avx512 (bf16 GEMMs off)
+    // and cases_bf16_gemms_vector (forced on AVX512-BF16) rerun this with the kill switches set.
+    const bool amx = cpu::simd_level() >= cpu::SimdLevel::amx;
+    const char* force = std::getenv("ORCHARD_CPU_BF16_GEMMS");
+    const bool forced = force != nullptr && std::string(force) == "1";
+    EXPECT_EQ(cpu::bf16_gemms(),
+              amx || (forced && cpu::simd_level() >= cpu::SimdLevel::avx512_bf16));
+    const Case c{.name = "path", .B = 1, .Sq = 40, .Sk = 40, .Hq = 2, .Hkv = 2, .D = 32};
+    for (DType dt : {DType::f32, DType::bf16}) {
+        Inputs in = make_inputs(c, dt);
+        const int64_t amx_before = cpu::bf16_gemm_calls(true), vec_before = cpu::bf16_gemm_calls(false);
+        run_case(c, in, dt, Backend::cpu);  // one forward, one backward
+        const int64_t want = dt == DType::bf16 && cpu::bf16_gemms() ? 2 : 0;
+        EXPECT_EQ(cpu::bf16_gemm_calls(true) - amx_before, amx ? want : 0) << to_string(dt);
+        EXPECT_EQ(cpu::bf16_gemm_calls(false) - vec_before, amx ? 0 : want) << to_string(dt);
     }
 }
 
