@@ -226,7 +226,7 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
 }
 
 // dkdv_task for bf16 inputs on the bf16 GEMMs (bf16_gemms()), never fused with dQ. S (bq, bk) as
-// there, from q (A operand, read in place when its rows hold whole pairs) and k^T (B, packed per
+// there, from q (A operand, packed per query block like the fp32 path) and k^T (B, packed per
 // task); then dV^T (Dv, bk) += dout^T Pd and dK^T (D, bk) += q^T dS, with q^T and dout^T packed
 // once per call (qt, dot) and Pd, dS rounded to bf16 pairs of query rows.
 inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const float* dsum,
@@ -239,13 +239,11 @@ inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const f
     const int64_t cols = std::min(ts.block_k, sk - j0), group = p.Hq / p.Hkv;
     const int64_t bq = ts.block_q, fk = p.first_k(b), fq = p.first_q(b);
     const int64_t ldk = round_up(cols, 16), dp = round_up(p.D, 2), dvp = round_up(p.Dv, 2);
-    const bool q_in_place = p.q_st.d == 1 && p.D % 2 == 0;
-    const bool do_in_place = p.dout_st.d == 1 && p.Dv % 2 == 0;
 
     auto kt = alloc_tile<uint32_t>(dp / 2 * ldk);                // k^T pairs (D / 2, ldk)
     auto vt = alloc_tile<uint32_t>(dvp / 2 * ldk);               // v^T pairs (Dv / 2, ldk)
-    auto qb = alloc_tile<uint16_t>(q_in_place ? 0 : bq * dp);     // (bq, dp)
-    auto dob = alloc_tile<uint16_t>(do_in_place ? 0 : bq * dvp);  // (bq, dvp)
+    auto q = alloc_tile<uint16_t>(bq * dp);                       // (bq, dp)
+    auto dout = alloc_tile<uint16_t>(bq * dvp);                   // (bq, dvp)
     auto pairs = alloc_tile<uint32_t>((bq / 2 + 1) * ldk);       // Pd or dS pairs (bq / 2, ldk)
     auto scratch = alloc_tile<uint16_t>(2 * std::max(p.D, p.Dv));
     auto lse = alloc_tile<float>(bq);
@@ -266,24 +264,15 @@ inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const f
         for (int64_t i0 = qs.lo; i0 < qs.hi; i0 += bq) {
             const int64_t rows = std::min(bq, qs.hi - i0);
             const TileGeom g{i0, rows, j0, cols, diag};
-            const T* q = at<const T>(p.q, p.q_st, b, fq, i0, h);
-            const T* dout = at<const T>(p.dout, p.dout_st, b, fq, i0, h);
-            const uint16_t* qa = reinterpret_cast<const uint16_t*>(q);
-            const uint16_t* da = reinterpret_cast<const uint16_t*>(dout);
-            int64_t ldq = p.q_st.s, ldo = p.dout_st.s;
-            if (!q_in_place) {
-                pack_bf16_rows(qb.get(), dp, q, p.q_st.s, p.q_st.d, rows, p.D, dp);
-                qa = qb.get(), ldq = dp;
-            }
-            if (!do_in_place) {
-                pack_bf16_rows(dob.get(), dvp, dout, p.dout_st.s, p.dout_st.d, rows, p.Dv, dvp);
-                da = dob.get(), ldo = dvp;
-            }
+            pack_bf16_rows(q.get(), dp, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s,
+                           p.q_st.d, rows, p.D, dp);
+            pack_bf16_rows(dout.get(), dvp, at<const T>(p.dout, p.dout_st, b, fq, i0, h),
+                           p.dout_st.s, p.dout_st.d, rows, p.Dv, dvp);
             load_row_stats(p, dsum, b, h, i0, rows, rows, lse.get(), di.get());
-            gemm_bf16(false, rows, ldk, dp / 2, qa, ldq, kt.get(), ldk, w.s.get(), ldk);
+            gemm_bf16(false, rows, ldk, dp / 2, q.get(), dp, kt.get(), ldk, w.s.get(), ldk);
             finish_scores<Orient::q_rows>(p, slope, g, w.s.get(), w.t.get(), ldk,
                                           score_prescale<float>(p));
-            gemm_bf16(false, rows, ldk, dvp / 2, da, ldo, vt.get(), ldk, w.dp.get(), ldk);
+            gemm_bf16(false, rows, ldk, dvp / 2, dout.get(), dvp, vt.get(), ldk, w.dp.get(), ldk);
             const float* pd = probs_and_ds<Orient::q_rows>(p, b * p.Hq + h, g, lse.get(),
                                                            di.get(), w, ldk);
             // dV^T (Dv, ldk) += dout^T (Dv, rows) Pd (rows, ldk); dK^T += q^T dS.
@@ -307,8 +296,8 @@ inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const f
                    p.Dv, cols, 1.f);
 }
 
-// dq_task for bf16 inputs on the bf16 GEMMs. S^T (bk, bq) as there, from k (A, in place when
-// possible) and q^T (B, packed per task); dQ^T (D, bq) += k^T dS^T with k^T packed once per call
+// dq_task for bf16 inputs on the bf16 GEMMs. S^T (bk, bq) as there, from k (A, packed per tile)
+// and q^T (B, packed per task); dQ^T (D, bq) += k^T dS^T with k^T packed once per call
 // (kt) and dS^T rounded to bf16 pairs of keys.
 inline void dq_task_bf16(const AttentionParams& p, const TileSize& ts, const float* dsum,
                          const PackedT& kt, int64_t b, int64_t h, int64_t mb) {
@@ -319,13 +308,11 @@ inline void dq_task_bf16(const AttentionParams& p, const TileSize& ts, const flo
     const int64_t rows = std::min(ts.block_q, sq - i0), hk = h / (p.Hq / p.Hkv);
     const int64_t bk = ts.block_k, fk = p.first_k(b), fq = p.first_q(b);
     const int64_t ldq = round_up(rows, 16), dp = round_up(p.D, 2), dvp = round_up(p.Dv, 2);
-    const bool k_in_place = p.k_st.d == 1 && p.D % 2 == 0;
-    const bool v_in_place = p.v_st.d == 1 && p.Dv % 2 == 0;
 
     auto qt = alloc_tile<uint32_t>(dp / 2 * ldq);               // q^T pairs (D / 2, ldq)
     auto dot = alloc_tile<uint32_t>(dvp / 2 * ldq);             // dout^T pairs (Dv / 2, ldq)
-    auto kb = alloc_tile<uint16_t>(k_in_place ? 0 : bk * dp);    // (bk, dp)
-    auto vb = alloc_tile<uint16_t>(v_in_place ? 0 : bk * dvp);   // (bk, dvp)
+    auto k = alloc_tile<uint16_t>(bk * dp);                      // (bk, dp)
+    auto v = alloc_tile<uint16_t>(bk * dvp);                     // (bk, dvp)
     auto pairs = alloc_tile<uint32_t>((bk / 2 + 1) * ldq);      // dS^T pairs (bk / 2, ldq)
     auto scratch = alloc_tile<uint16_t>(2 * p.D);
     auto lse = alloc_tile<float>(ldq);
@@ -346,23 +333,14 @@ inline void dq_task_bf16(const AttentionParams& p, const TileSize& ts, const flo
     for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
         const int64_t cols = std::min(bk, j_hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
-        const T* k = at<const T>(p.k, p.k_st, b, fk, j0, hk);
-        const T* v = at<const T>(p.v, p.v_st, b, fk, j0, hk);
-        const uint16_t* ka = reinterpret_cast<const uint16_t*>(k);
-        const uint16_t* va = reinterpret_cast<const uint16_t*>(v);
-        int64_t ldk = p.k_st.s, ldv = p.v_st.s;
-        if (!k_in_place) {
-            pack_bf16_rows(kb.get(), dp, k, p.k_st.s, p.k_st.d, cols, p.D, dp);
-            ka = kb.get(), ldk = dp;
-        }
-        if (!v_in_place) {
-            pack_bf16_rows(vb.get(), dvp, v, p.v_st.s, p.v_st.d, cols, p.Dv, dvp);
-            va = vb.get(), ldv = dvp;
-        }
-        gemm_bf16(false, cols, ldq, dp / 2, ka, ldk, qt.get(), ldq, w.s.get(), ldq);
+        pack_bf16_rows(k.get(), dp, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
+                       cols, p.D, dp);
+        pack_bf16_rows(v.get(), dvp, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
+                       cols, p.Dv, dvp);
+        gemm_bf16(false, cols, ldq, dp / 2, k.get(), dp, qt.get(), ldq, w.s.get(), ldq);
         finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq,
                                       score_prescale<float>(p));
-        gemm_bf16(false, cols, ldq, dvp / 2, va, ldv, dot.get(), ldq, w.dp.get(), ldq);
+        gemm_bf16(false, cols, ldq, dvp / 2, v.get(), dvp, dot.get(), ldq, w.dp.get(), ldq);
         probs_and_ds<Orient::k_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldq);
         // dQ^T (D, ldq) += k^T (D, cols) dS^T (cols, ldq).
         pairs_from_f32(pairs.get(), ldq, w.dp.get(), ldq, cols, ldq);

@@ -147,11 +147,12 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const Pa
     const int64_t fq = p.first_q(b), fk = p.first_k(b);
     // Columns run over queries in 16-lane vectors; K dims are padded to even (pairs).
     const int64_t bk = ts.block_k, ldq = round_up(rows, 16), dp = round_up(p.D, 2);
-    // k is the A operand of S^T as it lies in memory when its rows hold whole pairs.
-    const bool k_in_place = p.k_st.d == 1 && p.D % 2 == 0;
 
     auto qt = alloc_tile<uint32_t>(dp / 2 * ldq);           // q^T pairs (D / 2, ldq)
-    auto kb = alloc_tile<uint16_t>(k_in_place ? 0 : bk * dp);  // (bk, dp)
+    // k is packed although its rows may hold whole pairs in place: rows of a (B, S, H, D) tensor
+    // lie H * D apart, often a power of two, and the 16 rows of an AMX tile would then share a
+    // few L1 sets.
+    auto k = alloc_tile<uint16_t>(bk * dp);                 // (bk, dp)
     auto pt = alloc_tile<uint32_t>(bk / 2 * ldq + ldq);     // P^T pairs (cols_pad / 2, ldq)
     auto last_pair = alloc_tile<uint16_t>(2 * p.Dv);        // gemm_bf16_k's scratch
     auto st = alloc_tile<float>(bk * ldq);                  // S^T, then P^T (bk, ldq)
@@ -175,15 +176,10 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const Pa
     for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
         const int64_t cols = std::min(bk, j_hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
-        const T* k = at<const T>(p.k, p.k_st, b, fk, j0, hk);
-        const uint16_t* ka = reinterpret_cast<const uint16_t*>(k);
-        int64_t lda = p.k_st.s;
-        if (!k_in_place) {
-            pack_bf16_rows(kb.get(), dp, k, p.k_st.s, p.k_st.d, cols, p.D, dp);
-            ka = kb.get(), lda = dp;
-        }
+        pack_bf16_rows(k.get(), dp, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
+                       cols, p.D, dp);
         // S^T (cols, ldq) = k (cols, D) q^T (D, ldq), unscaled.
-        gemm_bf16(false, cols, ldq, dp / 2, ka, lda, qt.get(), ldq, st.get(), ldq);
+        gemm_bf16(false, cols, ldq, dp / 2, k.get(), dp, qt.get(), ldq, st.get(), ldq);
         float pre = score_prescale<float>(p);
         if (p.softcap > 0 || slope != 0.f || !fully_visible(p, g)) {
             finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<float*>(nullptr),

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #include "core/dtype_convert.h"
 
@@ -74,7 +75,10 @@ std::atomic<int64_t>& bf16_gemm_calls(bool amx);
 inline void pack_bf16_rows(uint16_t* dst, int64_t ld, const bfloat16_t* src, int64_t s_row,
                            int64_t s_col, int64_t rows, int64_t cols, int64_t cols_pad) {
     for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = src[r * s_row + c * s_col].bits;
+        if (s_col == 1)
+            std::memcpy(dst + r * ld, src + r * s_row, 2 * cols);
+        else
+            for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = src[r * s_row + c * s_col].bits;
         for (int64_t c = cols; c < cols_pad; ++c) dst[r * ld + c] = 0;
     }
 }

@@ -12,8 +12,9 @@
 
 namespace orchard::cpu {
 
-// x^T of every (batch, head): (B, heads, dim, ld) bf16 with ld = round_up(S, 2); columns past
-// each sequence are zero. Costs the size of x.
+// x^T of every (batch, head): (B, heads, dim, ld) bf16; columns past each sequence are zero.
+// Costs the size of x. Rows lie an odd number of 64-byte lines apart, so that the 16 rows of an
+// AMX tile fall into different L1 sets (a power-of-two stride would put them into one or two).
 struct PackedT {
     std::unique_ptr<uint16_t[]> data;
     int64_t heads = 0, dim = 0, ld = 0;
@@ -26,7 +27,7 @@ struct PackedT {
 // x (B, S, heads, dim) of the call (keys: sequences of k / v, else of q / dout), strides st.
 inline PackedT pack_heads_transposed(const AttentionParams& p, const void* x, const Strides& st,
                                      int64_t heads, int64_t dim, int64_t s_max, bool keys) {
-    const int64_t ld = round_up(s_max, 2);
+    const int64_t ld = (ceil_div(s_max, 32) | 1) * 32;
     PackedT t{std::unique_ptr<uint16_t[]>(new uint16_t[p.B * heads * dim * ld]), heads, dim, ld};
     auto pack = [&](int64_t bh) {
         const int64_t b = bh / heads, h = bh % heads;
