@@ -32,7 +32,8 @@ Bf16Matrix random_matrix(int64_t rows, int64_t cols, std::mt19937& gen) {
 // fp32 accumulation's: (K + 2) units of rounding of sum |a b| per element.
 void check_gemm(int64_t M, int64_t N, int64_t K, bool accumulate, std::mt19937& gen) {
     const Bf16Matrix a = random_matrix(M, K, gen), b = random_matrix(K, N, gen);
-    const int64_t kp = round_up(K, 2), np = round_up(N, 16), lda = kp + 6;  // lda: any stride
+    // An odd lda: rows (and so AMX tile rows and broadcast pairs) start 2-byte aligned.
+    const int64_t kp = round_up(K, 2), np = round_up(N, 16), lda = kp + 7;
     std::vector<uint16_t> ap(M * lda, 0xFFFF);  // padding past kp is never read
     pack_bf16_rows(ap.data(), lda, a.v.data(), K, 1, M, K, kp);
     std::vector<uint32_t> bp(kp / 2 * np);
