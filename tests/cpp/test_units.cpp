@@ -131,7 +131,6 @@ TEST(SimdDispatch, LevelIsCappedByTheEnvironment) {
     // the variable took effect (it can only lower the level).
     const char* env = std::getenv("ORCHARD_CPU_SIMD");
     if (env != nullptr) {
-        EXPECT_LE(int(cpu::simd_level()), int(cpu::SimdLevel::avx512_bf16));
         EXPECT_STREQ(cpu::to_string(cpu::simd_level()), env);
     }
     EXPECT_STREQ(cpu::to_string(cpu::SimdLevel::avx2), "avx2");
