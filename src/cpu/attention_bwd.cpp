@@ -225,13 +225,14 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
                p.D, A(p.scale));
 }
 
-// dkdv_task for bf16 inputs on the bf16 GEMMs (bf16_gemms()), never fused with dQ. S (bq, bk) as
-// there, from q (A operand, packed per query block like the fp32 path) and k^T (B, packed per
-// task); then dV^T (Dv, bk) += dout^T Pd and dK^T (D, bk) += q^T dS, with q^T and dout^T packed
-// once per call (qt, dot) and Pd, dS rounded to bf16 pairs of query rows.
+// dkdv_task for bf16 inputs on the bf16 GEMMs (bf16_gemms()). S (bq, bk) as there, from q (A
+// operand, packed per query block like the fp32 path) and k^T (B, packed per task); then
+// dV^T (Dv, bk) += dout^T Pd and dK^T (D, bk) += q^T dS, with q^T and dout^T packed once per call
+// (qt, dot) and Pd, dS rounded to bf16 pairs of query rows. With `dq_acc` (group, sq,
+// round_up(D, 16)) also dQ (rows, D) += dS k there, dS rounded to bf16 rows (the fused pass).
 inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const float* dsum,
                            const PackedT& qt, const PackedT& dot, int64_t b, int64_t hk,
-                           int64_t nb) {
+                           int64_t nb, float* dq_acc) {
     using T = bfloat16_t;
     const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
     const int64_t j0 = nb * ts.block_k;
@@ -251,6 +252,12 @@ inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const f
     auto dkt = alloc_tile<float>(p.D * ldk);   // dK^T (D, ldk)
     auto dvt = alloc_tile<float>(p.Dv * ldk);  // dV^T (Dv, ldk)
     ScoreTiles<float> w(bq * ldk);             // (bq, ldk)
+    const int64_t ldd = round_up(p.D, 16);
+    auto kpairs = alloc_tile<uint32_t>(dq_acc ? (cols / 2 + 1) * ldd : 0);  // (cols / 2, ldd)
+    auto ds = alloc_tile<uint16_t>(dq_acc ? bq * ldk : 0);                 // dS (bq, ldk)
+    if (dq_acc)
+        pack_bf16_pairs(kpairs.get(), ldd, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s,
+                        p.k_st.d, cols, p.D, ldd);
     std::fill(dkt.get(), dkt.get() + p.D * ldk, 0.f);
     std::fill(dvt.get(), dvt.get() + p.Dv * ldk, 0.f);
     pack_bf16_pairs_transposed(kt.get(), ldk, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s,
@@ -285,6 +292,13 @@ inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const f
                 pairs_from_f32(pairs.get(), ldk, w.dp.get(), ldk, rows, ldk);
                 gemm_bf16_k(true, p.D, ldk, rows, qt.at(b, h, i0), qt.ld, pairs.get(), ldk,
                             dkt.get(), ldk, nullptr, scratch.get());
+            }
+            // dQ (rows, D) += dS (rows, cols) k (cols, D). dS past `cols` is 0 (masked scores,
+            // zero v^T pairs), so an odd last pair reads a zero from this tile.
+            if (dq_acc) {
+                bf16_from_f32(ds.get(), ldk, w.dp.get(), ldk, rows, ldk);
+                gemm_bf16(true, rows, ldd, ceil_div(cols, 2), ds.get(), ldk, kpairs.get(), ldd,
+                          dq_acc + ((h - hk * group) * sq + i0) * ldd, ldd);
             }
         }
     }
@@ -351,18 +365,40 @@ inline void dq_task_bf16(const AttentionParams& p, const TileSize& ts, const flo
                rows, float(p.scale));
 }
 
-// The backward of bf16 inputs on the bf16 GEMMs: always the two passes, so that results do not
-// depend on the thread count (the fused pass would round dS in another orientation).
+// The backward of bf16 inputs on the bf16 GEMMs: the fused pass or the two passes, chosen by
+// fuse_dq_bf16 from the problem alone, so that results do not depend on the thread count (the
+// two variants round dS in different orientations).
 inline void bwd_bf16(const AttentionParams& p, const TileSize& ts, const float* dsum) {
     ++bf16_gemm_calls(simd_level() >= SimdLevel::amx);
     const int64_t nk = ceil_div(p.Sk, ts.block_k), kv_heads = p.B * p.Hkv;
-    if (p.dk != nullptr || p.dv != nullptr) {
+    const int64_t group = p.Hq / p.Hkv, ldd = round_up(p.D, 16);
+    const bool need_dq = p.dq != nullptr, need_dkdv = p.dk != nullptr || p.dv != nullptr;
+    const int64_t dq_bytes = group * p.Sq * ldd * int64_t(sizeof(float));
+    const bool fused = need_dq && need_dkdv && fuse_dq_bf16(kv_heads, dq_bytes, p.is_varlen());
+    if (need_dkdv) {
         const PackedT qt = pack_heads_transposed(p, p.q, p.q_st, p.Hq, p.D, p.Sq, false);
         const PackedT dot = pack_heads_transposed(p, p.dout, p.dout_st, p.Hq, p.Dv, p.Sq, false);
+        // Fused: one task per (batch, kv head), all its key blocks in order, dQ in a private
+        // buffer. Else one task per (batch, kv head, key block), the first key blocks first.
+        auto dkdv_fused = [&](int64_t bh) {
+            const int64_t b = bh / p.Hkv, hk = bh % p.Hkv, sq = p.seqlen_q(b);
+            auto dq = alloc_tile<float>(group * sq * ldd);
+            std::fill(dq.get(), dq.get() + group * sq * ldd, 0.f);
+            for (int64_t nb = 0; nb < nk; ++nb)
+                dkdv_task_bf16(p, ts, dsum, qt, dot, b, hk, nb, dq.get());
+            for (int64_t g = 0; g < group; ++g)
+                store_rows(at<bfloat16_t>(p.dq, p.dq_st, b, p.first_q(b), 0, hk * group + g),
+                           p.dq_st.s, p.dq_st.d, dq.get() + g * sq * ldd, ldd, sq, p.D,
+                           float(p.scale));
+        };
         auto dkdv = [&](int64_t t) {
             const int64_t nb = t / kv_heads, bh = t % kv_heads;
-            dkdv_task_bf16(p, ts, dsum, qt, dot, bh / p.Hkv, bh % p.Hkv, nb);
+            dkdv_task_bf16(p, ts, dsum, qt, dot, bh / p.Hkv, bh % p.Hkv, nb, nullptr);
         };
+        if (fused) {
+            parallel_for(kv_heads, dkdv_fused);
+            return;
+        }
         parallel_for(nk * kv_heads, dkdv);
     }
     if (p.dq != nullptr) {

@@ -221,12 +221,34 @@ Case fused_vs_two_pass_case() {
             .left = 60, .right = 10, .softcap = 2.0, .alibi = 1, .dropout = 0.1};
 }
 
+// 16 (batch, kv head) pairs: the bf16-GEMM backward runs fused (fuse_dq_bf16).
+Case many_kv_heads_case() {
+    return {.name = "kv16", .B = 4, .Sq = 70, .Sk = 90, .Hq = 8, .Hkv = 4, .D = 40,
+            .causal = true, .dropout = 0.1};
+}
+
+TEST(Backward, Bf16FusedAndTwoPassMatchTheReference) {
+    // Both variants of the bf16 backward (on the bf16 GEMMs where cpu::bf16_gemms(), which the
+    // ctest entry cases_bf16_gemms_vector forces) against float64.
+    for (const Case& c : {fused_vs_two_pass_case(), many_kv_heads_case()}) {
+        Inputs in = make_inputs(c, DType::bf16);
+        const Result ref = run_reference(c, in);
+        const Result got = run_case(c, in, DType::bf16, Backend::cpu);
+        const double tol = 3 * tolerance(DType::bf16);
+        EXPECT_LE(rel_error(got.dq, ref.dq), tol) << c.name;
+        EXPECT_LE(rel_error(got.dk, ref.dk), tol) << c.name;
+        EXPECT_LE(rel_error(got.dv, ref.dv), tol) << c.name;
+    }
+}
+
 TEST(Determinism, BackwardIsBitwiseIdenticalAcrossRunsAndThreadCounts) {
     ASSERT_FALSE(cpu::fuse_dq(3, 2, 0, false));
     ASSERT_TRUE(cpu::fuse_dq(3, 1, 0, false));
-    // bf16 runs on the bf16 GEMMs where cpu::bf16_gemms() (their own two-pass backward).
+    // bf16 runs on the bf16 GEMMs where cpu::bf16_gemms(); their backward fuses by the problem's
+    // size alone (16 kv heads: fused, 3: two passes).
+    ASSERT_TRUE(cpu::fuse_dq_bf16(16, 0, false));
     for (DType dt : {DType::f32, DType::bf16})
-        for (const Case& c : {determinism_case(), fused_vs_two_pass_case()}) {
+        for (const Case& c : {determinism_case(), fused_vs_two_pass_case(), many_kv_heads_case()}) {
             Inputs in = make_inputs(c, dt);
             const int before = num_threads();
             set_num_threads(2);
@@ -261,6 +283,13 @@ TEST(SimdDispatch, Bf16GemmsRunExactlyWhereTheLevelAllows) {
         EXPECT_EQ(cpu::bf16_gemm_calls(true) - amx_before, amx ? want : 0) << to_string(dt);
         EXPECT_EQ(cpu::bf16_gemm_calls(false) - vec_before, amx ? 0 : want) << to_string(dt);
     }
+}
+
+TEST(TileSize, Bf16BackwardFusesByProblemSizeOnly) {
+    EXPECT_TRUE(cpu::fuse_dq_bf16(16, 1 << 20, false));
+    EXPECT_FALSE(cpu::fuse_dq_bf16(15, 1 << 20, false));
+    EXPECT_FALSE(cpu::fuse_dq_bf16(64, 1 << 20, true));           // varlen: uneven tasks
+    EXPECT_FALSE(cpu::fuse_dq_bf16(64, int64_t(1) << 30, false));  // buffer too large
 }
 
 TEST(TileSize, FusedBackwardOnlyWhenTasksSpreadEvenly) {
