@@ -11,7 +11,6 @@
 // An odd K is padded with a zero column of A and a zero half-word of B.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -63,10 +62,6 @@ bool amx_usable();
 // The AMX part of gemm_bf16 (same arguments, no col_scale): M and K2 multiples of 16.
 void gemm_bf16_amx(bool accumulate, int64_t M, int64_t N, int64_t K2, const uint16_t* a,
                    int64_t lda, const uint32_t* b, int64_t ldb, float* c, int64_t ldc);
-
-// Number of forward / backward calls whose GEMMs ran on bf16 operands, on AMX tiles (amx = true)
-// or on AVX512-BF16 alone (for tests of the dispatch and of the ORCHARD_CPU_SIMD kill switch).
-std::atomic<int64_t>& bf16_gemm_calls(bool amx);
 
 // Packing of strided bf16 inputs (scalar: they are O(rows x D) per block, the GEMMs O(rows x
 // cols x D)).

@@ -1,11 +1,11 @@
 // CPU feature detection for the SIMD dispatch (see simd_dispatch.h).
 #include "cpu/simd_dispatch.h"
 
-#include "cpu/gemm_bf16.h"
-
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+
+#include "cpu/gemm_bf16.h"
 
 namespace orchard::cpu {
 namespace {

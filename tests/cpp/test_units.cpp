@@ -17,7 +17,6 @@
 #include "core/params.h"
 #include "core/philox.h"
 #include "core/thread_pool.h"
-#include "cpu/gemm_bf16.h"
 #include "cpu/simd_dispatch.h"
 #include "cpu/tile_size.h"
 
