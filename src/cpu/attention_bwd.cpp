@@ -18,6 +18,8 @@
 #include <vector>
 
 #include "core/thread_pool.h"
+#include "cpu/gemm_bf16.h"
+#include "cpu/packed_heads.h"
 #include "cpu/tile_ops-inl.h"
 #include "cpu/simd_dispatch.h"
 #include "cpu/tile_size.h"
@@ -223,6 +225,193 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
                p.D, A(p.scale));
 }
 
+// dkdv_task for bf16 inputs on the bf16 GEMMs (bf16_gemms()). S (bq, bk) as there, from q (A
+// operand, packed per query block like the fp32 path) and k^T (B, packed per task); then
+// dV^T (Dv, bk) += dout^T Pd and dK^T (D, bk) += q^T dS, with q^T and dout^T packed once per call
+// (qt, dot) and Pd, dS rounded to bf16 pairs of query rows. With `dq_acc` (group, sq,
+// round_up(D, 16)) also dQ (rows, D) += dS k there, dS rounded to bf16 rows (the fused pass).
+inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const float* dsum,
+                           const PackedT& qt, const PackedT& dot, int64_t b, int64_t hk,
+                           int64_t nb, float* dq_acc) {
+    using T = bfloat16_t;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t j0 = nb * ts.block_k;
+    if (j0 >= sk) return;
+    const int64_t cols = std::min(ts.block_k, sk - j0), group = p.Hq / p.Hkv;
+    const int64_t bq = ts.block_q, fk = p.first_k(b), fq = p.first_q(b);
+    const int64_t ldk = round_up(cols, 16), dp = round_up(p.D, 2), dvp = round_up(p.Dv, 2);
+
+    auto kt = alloc_tile<uint32_t>(dp / 2 * ldk);                // k^T pairs (D / 2, ldk)
+    auto vt = alloc_tile<uint32_t>(dvp / 2 * ldk);               // v^T pairs (Dv / 2, ldk)
+    auto q = alloc_tile<uint16_t>(bq * dp);                       // (bq, dp)
+    auto dout = alloc_tile<uint16_t>(bq * dvp);                   // (bq, dvp)
+    auto pairs = alloc_tile<uint32_t>((bq / 2 + 1) * ldk);       // Pd or dS pairs (bq / 2, ldk)
+    auto scratch = alloc_tile<uint16_t>(2 * std::max(p.D, p.Dv));
+    auto lse = alloc_tile<float>(bq);
+    auto di = alloc_tile<float>(bq);
+    auto dkt = alloc_tile<float>(p.D * ldk);   // dK^T (D, ldk)
+    auto dvt = alloc_tile<float>(p.Dv * ldk);  // dV^T (Dv, ldk)
+    ScoreTiles<float> w(bq * ldk);             // (bq, ldk)
+    const int64_t ldd = round_up(p.D, 16);
+    auto kpairs = alloc_tile<uint32_t>(dq_acc ? (cols / 2 + 1) * ldd : 0);  // (cols / 2, ldd)
+    auto ds = alloc_tile<uint16_t>(dq_acc ? bq * ldk : 0);                 // dS (bq, ldk)
+    if (dq_acc)
+        pack_bf16_pairs(kpairs.get(), ldd, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s,
+                        p.k_st.d, cols, p.D, ldd);
+    std::fill(dkt.get(), dkt.get() + p.D * ldk, 0.f);
+    std::fill(dvt.get(), dvt.get() + p.Dv * ldk, 0.f);
+    pack_bf16_pairs_transposed(kt.get(), ldk, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s,
+                               p.k_st.d, cols, p.D, ldk);
+    pack_bf16_pairs_transposed(vt.get(), ldk, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s,
+                               p.v_st.d, cols, p.Dv, ldk);
+
+    const Span qs = queries_seeing(j0, j0 + cols, diag, p.window_left, p.window_right, sq);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const float slope = p.alibi_slopes ? float(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : 0.f;
+        for (int64_t i0 = qs.lo; i0 < qs.hi; i0 += bq) {
+            const int64_t rows = std::min(bq, qs.hi - i0);
+            const TileGeom g{i0, rows, j0, cols, diag};
+            pack_bf16_rows(q.get(), dp, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s,
+                           p.q_st.d, rows, p.D, dp);
+            pack_bf16_rows(dout.get(), dvp, at<const T>(p.dout, p.dout_st, b, fq, i0, h),
+                           p.dout_st.s, p.dout_st.d, rows, p.Dv, dvp);
+            load_row_stats(p, dsum, b, h, i0, rows, rows, lse.get(), di.get());
+            gemm_bf16(false, rows, ldk, dp / 2, q.get(), dp, kt.get(), ldk, w.s.get(), ldk);
+            finish_scores<Orient::q_rows>(p, slope, g, w.s.get(), w.t.get(), ldk,
+                                          score_prescale<float>(p));
+            gemm_bf16(false, rows, ldk, dvp / 2, dout.get(), dvp, vt.get(), ldk, w.dp.get(), ldk);
+            const float* pd = probs_and_ds<Orient::q_rows>(p, b * p.Hq + h, g, lse.get(),
+                                                           di.get(), w, ldk);
+            // dV^T (Dv, ldk) += dout^T (Dv, rows) Pd (rows, ldk); dK^T += q^T dS.
+            if (p.dv) {
+                pairs_from_f32(pairs.get(), ldk, pd, ldk, rows, ldk);
+                gemm_bf16_k(true, p.Dv, ldk, rows, dot.at(b, h, i0), dot.ld, pairs.get(), ldk,
+                            dvt.get(), ldk, nullptr, scratch.get());
+            }
+            if (p.dk) {
+                pairs_from_f32(pairs.get(), ldk, w.dp.get(), ldk, rows, ldk);
+                gemm_bf16_k(true, p.D, ldk, rows, qt.at(b, h, i0), qt.ld, pairs.get(), ldk,
+                            dkt.get(), ldk, nullptr, scratch.get());
+            }
+            // dQ (rows, D) += dS (rows, cols) k (cols, D). dS past `cols` is 0 (masked scores,
+            // zero v^T pairs), so an odd last pair reads a zero from this tile.
+            if (dq_acc) {
+                bf16_from_f32(ds.get(), ldk, w.dp.get(), ldk, rows, ldk);
+                gemm_bf16(true, rows, ldd, ceil_div(cols, 2), ds.get(), ldk, kpairs.get(), ldd,
+                          dq_acc + ((h - hk * group) * sq + i0) * ldd, ldd);
+            }
+        }
+    }
+    if (p.dk)
+        store_rows(at<T>(p.dk, p.dk_st, b, fk, j0, hk), p.dk_st.d, p.dk_st.s, dkt.get(), ldk,
+                   p.D, cols, float(p.scale));
+    if (p.dv)
+        store_rows(at<T>(p.dv, p.dv_st, b, fk, j0, hk), p.dv_st.d, p.dv_st.s, dvt.get(), ldk,
+                   p.Dv, cols, 1.f);
+}
+
+// dq_task for bf16 inputs on the bf16 GEMMs. S^T (bk, bq) as there, from k (A, packed per tile)
+// and q^T (B, packed per task); dQ^T (D, bq) += k^T dS^T with k^T packed once per call
+// (kt) and dS^T rounded to bf16 pairs of keys.
+inline void dq_task_bf16(const AttentionParams& p, const TileSize& ts, const float* dsum,
+                         const PackedT& kt, int64_t b, int64_t h, int64_t mb) {
+    using T = bfloat16_t;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t i0 = mb * ts.block_q;
+    if (i0 >= sq) return;
+    const int64_t rows = std::min(ts.block_q, sq - i0), hk = h / (p.Hq / p.Hkv);
+    const int64_t bk = ts.block_k, fk = p.first_k(b), fq = p.first_q(b);
+    const int64_t ldq = round_up(rows, 16), dp = round_up(p.D, 2), dvp = round_up(p.Dv, 2);
+
+    auto qt = alloc_tile<uint32_t>(dp / 2 * ldq);               // q^T pairs (D / 2, ldq)
+    auto dot = alloc_tile<uint32_t>(dvp / 2 * ldq);             // dout^T pairs (Dv / 2, ldq)
+    auto k = alloc_tile<uint16_t>(bk * dp);                      // (bk, dp)
+    auto v = alloc_tile<uint16_t>(bk * dvp);                     // (bk, dvp)
+    auto pairs = alloc_tile<uint32_t>((bk / 2 + 1) * ldq);      // dS^T pairs (bk / 2, ldq)
+    auto scratch = alloc_tile<uint16_t>(2 * p.D);
+    auto lse = alloc_tile<float>(ldq);
+    auto di = alloc_tile<float>(ldq);
+    auto dqt = alloc_tile<float>(p.D * ldq);  // dQ^T (D, ldq)
+    ScoreTiles<float> w(bk * ldq);            // (bk, ldq)
+    std::fill(dqt.get(), dqt.get() + p.D * ldq, 0.f);
+    pack_bf16_pairs_transposed(qt.get(), ldq, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s,
+                               p.q_st.d, rows, p.D, ldq);
+    pack_bf16_pairs_transposed(dot.get(), ldq, at<const T>(p.dout, p.dout_st, b, fq, i0, h),
+                               p.dout_st.s, p.dout_st.d, rows, p.Dv, ldq);
+    load_row_stats(p, dsum, b, h, i0, rows, ldq, lse.get(), di.get());
+
+    const float slope = p.alibi_slopes ? float(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : 0.f;
+    const Span first = visible_keys(i0, diag, p.window_left, p.window_right, sk);
+    const Span last = visible_keys(i0 + rows - 1, diag, p.window_left, p.window_right, sk);
+    const int64_t j_hi = std::max(last.hi, first.lo);
+    for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
+        const int64_t cols = std::min(bk, j_hi - j0);
+        const TileGeom g{i0, rows, j0, cols, diag};
+        pack_bf16_rows(k.get(), dp, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
+                       cols, p.D, dp);
+        pack_bf16_rows(v.get(), dvp, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
+                       cols, p.Dv, dvp);
+        gemm_bf16(false, cols, ldq, dp / 2, k.get(), dp, qt.get(), ldq, w.s.get(), ldq);
+        finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq,
+                                      score_prescale<float>(p));
+        gemm_bf16(false, cols, ldq, dvp / 2, v.get(), dvp, dot.get(), ldq, w.dp.get(), ldq);
+        probs_and_ds<Orient::k_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldq);
+        // dQ^T (D, ldq) += k^T (D, cols) dS^T (cols, ldq).
+        pairs_from_f32(pairs.get(), ldq, w.dp.get(), ldq, cols, ldq);
+        gemm_bf16_k(true, p.D, ldq, cols, kt.at(b, hk, j0), kt.ld, pairs.get(), ldq, dqt.get(),
+                    ldq, nullptr, scratch.get());
+    }
+    store_rows(at<T>(p.dq, p.dq_st, b, fq, i0, h), p.dq_st.d, p.dq_st.s, dqt.get(), ldq, p.D,
+               rows, float(p.scale));
+}
+
+// The backward of bf16 inputs on the bf16 GEMMs: the fused pass or the two passes, chosen by
+// fuse_dq_bf16 from the problem alone, so that results do not depend on the thread count (the
+// two variants round dS in different orientations).
+inline void bwd_bf16(const AttentionParams& p, const TileSize& ts, const float* dsum) {
+    ++bf16_gemm_calls(simd_level() >= SimdLevel::amx);
+    const int64_t nk = ceil_div(p.Sk, ts.block_k), kv_heads = p.B * p.Hkv;
+    const int64_t group = p.Hq / p.Hkv, ldd = round_up(p.D, 16);
+    const bool need_dq = p.dq != nullptr, need_dkdv = p.dk != nullptr || p.dv != nullptr;
+    const int64_t dq_bytes = group * p.Sq * ldd * int64_t(sizeof(float));
+    const bool fused = need_dq && need_dkdv && fuse_dq_bf16(kv_heads, dq_bytes, p.is_varlen());
+    if (need_dkdv) {
+        const PackedT qt = pack_heads_transposed(p, p.q, p.q_st, p.Hq, p.D, p.Sq, false);
+        const PackedT dot = pack_heads_transposed(p, p.dout, p.dout_st, p.Hq, p.Dv, p.Sq, false);
+        // Fused: one task per (batch, kv head), all its key blocks in order, dQ in a private
+        // buffer. Else one task per (batch, kv head, key block), the first key blocks first.
+        auto dkdv_fused = [&](int64_t bh) {
+            const int64_t b = bh / p.Hkv, hk = bh % p.Hkv, sq = p.seqlen_q(b);
+            auto dq = alloc_tile<float>(group * sq * ldd);
+            std::fill(dq.get(), dq.get() + group * sq * ldd, 0.f);
+            for (int64_t nb = 0; nb < nk; ++nb)
+                dkdv_task_bf16(p, ts, dsum, qt, dot, b, hk, nb, dq.get());
+            for (int64_t g = 0; g < group; ++g)
+                store_rows(at<bfloat16_t>(p.dq, p.dq_st, b, p.first_q(b), 0, hk * group + g),
+                           p.dq_st.s, p.dq_st.d, dq.get() + g * sq * ldd, ldd, sq, p.D,
+                           float(p.scale));
+        };
+        auto dkdv = [&](int64_t t) {
+            const int64_t nb = t / kv_heads, bh = t % kv_heads;
+            dkdv_task_bf16(p, ts, dsum, qt, dot, bh / p.Hkv, bh % p.Hkv, nb, nullptr);
+        };
+        if (fused) {
+            parallel_for(kv_heads, dkdv_fused);
+            return;
+        }
+        parallel_for(nk * kv_heads, dkdv);
+    }
+    if (p.dq != nullptr) {
+        const PackedT kt = pack_heads_transposed(p, p.k, p.k_st, p.Hkv, p.D, p.Sk, true);
+        const int64_t nq = ceil_div(p.Sq, ts.block_q), heads = p.B * p.Hq;
+        auto dq = [&](int64_t t) {
+            const int64_t mb = nq - 1 - t / heads, bh = t % heads;
+            dq_task_bf16(p, ts, dsum, kt, bh / p.Hq, bh % p.Hq, mb);
+        };
+        parallel_for(nq * heads, dq);
+    }
+}
+
 template <class T>
 void bwd_typed(const AttentionParams& p) {
     using A = acc_t<T>;
@@ -236,6 +425,9 @@ void bwd_typed(const AttentionParams& p) {
     }
     auto pre = [&](int64_t bh) { preprocess_task<T>(p, dsum, bh); };
     parallel_for(p.B * p.Hq, pre);
+    if constexpr (std::is_same_v<T, bfloat16_t>) {
+        if (bf16_gemms()) return bwd_bf16(p, ts, dsum);
+    }
 
     const int64_t nk = ceil_div(p.Sk, ts.block_k), kv_heads = p.B * p.Hkv;
     const int64_t group = p.Hq / p.Hkv, ldd = round_up(p.D, lanes<A>());

@@ -15,6 +15,8 @@
 #include <type_traits>
 
 #include "core/thread_pool.h"
+#include "cpu/gemm_bf16.h"
+#include "cpu/packed_heads.h"
 #include "cpu/tile_ops-inl.h"
 #include "cpu/simd_dispatch.h"
 #include "cpu/tile_size.h"
@@ -22,23 +24,26 @@
 HWY_BEFORE_NAMESPACE();
 namespace orchard::cpu::HWY_NAMESPACE {
 
-// Online softmax over the keys of S^T (n_keys, ld): updates the running max m and sum l of every
-// query (vectors over ld), turns S^T into P^T = exp(S^T - m_new) and returns in `alpha` the
-// factor exp(m_old - m_new) that rescales each query's accumulator.
+// Online softmax over the keys of S^T (n_keys, ld), the scores being `pre` times the tile's
+// values (pre > 0; 1 when they are finished scores): updates the running max m and sum l of every
+// query (vectors over ld), turns the tile into P^T = exp(pre S^T - m_new) and returns in `alpha`
+// the factor exp(m_old - m_new) that rescales each query's accumulator.
 template <class A>
-void softmax_update(A* st, int64_t n_keys, int64_t ld, A* m, A* l, A* alpha) {
+void softmax_update(A* st, int64_t n_keys, int64_t ld, A pre_factor, A* m, A* l, A* alpha) {
     const hn::ScalableTag<A> d;
     const int64_t L = hn::Lanes(d);
     const auto neg_inf = hn::Set(d, -std::numeric_limits<A>::infinity());
+    const auto pre = hn::Set(d, pre_factor);
     for (int64_t y = 0; y < ld; y += L) {
         const auto m_old = hn::LoadU(d, m + y);
-        auto m_new = m_old;
-        for (int64_t x = 0; x < n_keys; ++x) m_new = hn::Max(m_new, hn::LoadU(d, st + x * ld + y));
+        auto x_max = neg_inf;
+        for (int64_t x = 0; x < n_keys; ++x) x_max = hn::Max(x_max, hn::LoadU(d, st + x * ld + y));
+        const auto m_new = hn::Max(m_old, hn::Mul(x_max, pre));
         // Queries that have seen no visible key yet keep m = -inf and use 0 as the shift.
         const auto shift = hn::IfThenZeroElse(hn::Eq(m_new, neg_inf), m_new);
         auto sum = hn::Zero(d);
         for (int64_t x = 0; x < n_keys; ++x) {
-            const auto e = exp_finite(d, hn::Sub(hn::LoadU(d, st + x * ld + y), shift));
+            const auto e = exp_finite(d, hn::MulSub(hn::LoadU(d, st + x * ld + y), pre, shift));
             sum = hn::Add(sum, e);
             hn::StoreU(e, d, st + x * ld + y);
         }
@@ -46,6 +51,23 @@ void softmax_update(A* st, int64_t n_keys, int64_t ld, A* m, A* l, A* alpha) {
         hn::StoreU(hn::MulAdd(hn::LoadU(d, l + y), a, sum), d, l + y);
         hn::StoreU(m_new, d, m + y);
         hn::StoreU(a, d, alpha + y);
+    }
+}
+
+// out and lse of query rows [i0, i0 + rows) from the accumulator acc (addressed by acc_at(r, d)),
+// and the running max m and sum l.
+template <class T, class A, class AccAt>
+void store_out_lse(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                   const A* m, const A* l, AccAt acc_at) {
+    T* out = at<T>(p.out, p.out_st, b, p.first_q(b), i0, h);
+    float* lse = p.lse + b * p.lse_st.b + h * p.lse_st.h + (p.first_q(b) + i0) * p.lse_st.s;
+    for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = l[r] == A(0);  // fully masked row: out = 0, lse = +inf
+        lse[r * p.lse_st.s] = empty ? std::numeric_limits<float>::infinity()
+                                    : float(m[r] + std::log(l[r]));
+        const A factor = empty ? A(0) : A(1) / l[r];
+        for (int64_t d = 0; d < p.Dv; ++d)
+            out[r * p.out_st.s + d * p.out_st.d] = store_as<T>(acc_at(r, d) * factor);
     }
 }
 
@@ -97,7 +119,7 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
         if (p.softcap > 0 || slope != A(0) || !fully_visible(p, g))
             finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<A*>(nullptr), ldq,
                                           A(1));
-        softmax_update(st.get(), cols, ldq, m.get(), l.get(), alpha.get());
+        softmax_update(st.get(), cols, ldq, A(1), m.get(), l.get(), alpha.get());
         if (p.dropout)
             apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, st.get(), st.get(), ldq);
         // acc (rows, Dv) = diag(alpha) acc + P (rows, cols) v (cols, Dv), P read from P^T: the
@@ -105,15 +127,75 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
         gemm<true>(rows, ldv, cols, st.get(), 1, ldq, v.get(), ldv, acc.get(), ldv, alpha.get());
     }
 
-    T* out = at<T>(p.out, p.out_st, b, fq, i0, h);
-    float* lse = p.lse + b * p.lse_st.b + h * p.lse_st.h + (fq + i0) * p.lse_st.s;
-    for (int64_t r = 0; r < rows; ++r) {
-        const bool empty = l[r] == A(0);  // fully masked row: out = 0, lse = +inf
-        lse[r * p.lse_st.s] = empty ? std::numeric_limits<float>::infinity()
-                                    : float(m[r] + std::log(l[r]));
-        store_rows(out + r * p.out_st.s, 0, p.out_st.d, acc.get() + r * ldv, ldv, 1, p.Dv,
-                   empty ? A(0) : A(1) / l[r]);
+    store_out_lse<T>(p, b, h, i0, rows, m.get(), l.get(),
+                     [&](int64_t r, int64_t d) { return acc[r * ldv + d]; });
+}
+
+// fwd_task for bf16 inputs on the bf16 GEMMs (gemm_bf16.h: AMX tiles or AVX512-BF16; T =
+// bfloat16_t, bf16_gemms()). The same online softmax on S^T (bk, bq) in fp32; the
+// GEMM operands stay bf16, and P is rounded to bf16 for the P V product (as FlashAttention does
+// on GPUs). The accumulator is held transposed, acc^T (Dv, bq), so that P^T's pairs of keys are
+// the packed operand and the online softmax's rescale is a per-column factor.
+inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const PackedT& vt,
+                          int64_t b, int64_t h, int64_t mb) {
+    using T = bfloat16_t;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t i0 = mb * ts.block_q;
+    if (i0 >= sq) return;
+    const int64_t rows = std::min(ts.block_q, sq - i0);
+    const int64_t hk = h / (p.Hq / p.Hkv);
+    const int64_t fq = p.first_q(b), fk = p.first_k(b);
+    // Columns run over queries in 16-lane vectors; K dims are padded to even (pairs).
+    const int64_t bk = ts.block_k, ldq = round_up(rows, 16), dp = round_up(p.D, 2);
+
+    auto qt = alloc_tile<uint32_t>(dp / 2 * ldq);           // q^T pairs (D / 2, ldq)
+    // k is packed although its rows may hold whole pairs in place: rows of a (B, S, H, D) tensor
+    // lie H * D apart, often a power of two, and the 16 rows of an AMX tile would then share a
+    // few L1 sets.
+    auto k = alloc_tile<uint16_t>(bk * dp);                 // (bk, dp)
+    auto pt = alloc_tile<uint32_t>(bk / 2 * ldq + ldq);     // P^T pairs (cols_pad / 2, ldq)
+    auto last_pair = alloc_tile<uint16_t>(2 * p.Dv);        // gemm_bf16_k's scratch
+    auto st = alloc_tile<float>(bk * ldq);                  // S^T, then P^T (bk, ldq)
+    auto acc = alloc_tile<float>(p.Dv * ldq);               // acc^T (Dv, ldq)
+    auto m = alloc_tile<float>(ldq);
+    auto l = alloc_tile<float>(ldq);
+    auto alpha = alloc_tile<float>(ldq);
+    std::fill(acc.get(), acc.get() + p.Dv * ldq, 0.f);
+    std::fill(m.get(), m.get() + ldq, -std::numeric_limits<float>::infinity());
+    std::fill(l.get(), l.get() + ldq, 0.f);
+    // q is packed unscaled (bf16 is exact only so): the score scale is applied in fp32 by
+    // finish_scores or the softmax.
+    pack_bf16_pairs_transposed(qt.get(), ldq, at<const T>(p.q, p.q_st, b, fq, i0, h), p.q_st.s,
+                               p.q_st.d, rows, p.D, ldq);
+
+    const float slope = p.alibi_slopes ? float(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : 0.f;
+    const Span first = visible_keys(i0, diag, p.window_left, p.window_right, sk);
+    const Span last = visible_keys(i0 + rows - 1, diag, p.window_left, p.window_right, sk);
+    const int64_t j_hi = std::max(last.hi, first.lo);
+
+    for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
+        const int64_t cols = std::min(bk, j_hi - j0);
+        const TileGeom g{i0, rows, j0, cols, diag};
+        pack_bf16_rows(k.get(), dp, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
+                       cols, p.D, dp);
+        // S^T (cols, ldq) = k (cols, D) q^T (D, ldq), unscaled.
+        gemm_bf16(false, cols, ldq, dp / 2, k.get(), dp, qt.get(), ldq, st.get(), ldq);
+        float pre = score_prescale<float>(p);
+        if (p.softcap > 0 || slope != 0.f || !fully_visible(p, g)) {
+            finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<float*>(nullptr),
+                                          ldq, pre);
+            pre = 1.f;
+        }
+        softmax_update(st.get(), cols, ldq, pre, m.get(), l.get(), alpha.get());
+        if (p.dropout)
+            apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, st.get(), st.get(), ldq);
+        // acc^T (Dv, ldq) = acc^T diag(alpha) + v^T (Dv, cols) P^T (cols, ldq), P^T in bf16.
+        pairs_from_f32(pt.get(), ldq, st.get(), ldq, cols, ldq);
+        gemm_bf16_k(true, p.Dv, ldq, cols, vt.at(b, hk, j0), vt.ld, pt.get(), ldq, acc.get(), ldq,
+                    alpha.get(), last_pair.get());
     }
+    store_out_lse<T>(p, b, h, i0, rows, m.get(), l.get(),
+                     [&](int64_t r, int64_t d) { return acc[d * ldq + r]; });
 }
 
 template <class T>
@@ -122,9 +204,18 @@ void fwd_typed(const AttentionParams& p) {
     const int64_t nb = ceil_div(p.Sq, ts.block_q);
     // Later query blocks see more keys under causal masks: hand them out first.
     const int64_t heads = p.B * p.Hq;
+    constexpr bool kBf16 = std::is_same_v<T, bfloat16_t>;
+    const bool bf16_dot = kBf16 && bf16_gemms();
+    if (bf16_dot) ++bf16_gemm_calls(simd_level() >= SimdLevel::amx);
+    // v^T once per call (the size of v), so that query blocks do not each transpose it again.
+    const PackedT vt = bf16_dot ? pack_heads_transposed(p, p.v, p.v_st, p.Hkv, p.Dv, p.Sk, true)
+                                : PackedT{};
     auto task = [&](int64_t t) {
         const int64_t mb = nb - 1 - t / heads, bh = t % heads;
-        fwd_task<T>(p, ts, bh / p.Hq, bh % p.Hq, mb);
+        if (bf16_dot)
+            fwd_task_bf16(p, ts, vt, bh / p.Hq, bh % p.Hq, mb);
+        else
+            fwd_task<T>(p, ts, bh / p.Hq, bh % p.Hq, mb);
     };
     parallel_for(p.B * p.Hq * nb, task);
 }

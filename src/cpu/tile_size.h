@@ -33,4 +33,11 @@ inline bool fuse_dq(int64_t kv_tasks, int threads, int64_t dq_bytes, bool varlen
     return dq_bytes <= (int64_t(64) << 20);
 }
 
+// The same choice for the bf16-GEMM backward, from the problem alone (never the thread count), so
+// that its results do not depend on the thread count: its fused and two-pass variants round dS
+// in different orientations. 16 (batch, kv head) pairs keep up to 16 threads busy.
+inline bool fuse_dq_bf16(int64_t kv_tasks, int64_t dq_bytes, bool varlen) {
+    return !varlen && kv_tasks >= 16 && dq_bytes <= (int64_t(64) << 20);
+}
+
 }  // namespace orchard::cpu

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <regex>
+#include <string>
 #include <thread>
 
 #include "cases.h"
@@ -129,7 +130,6 @@ TEST(SimdDispatch, LevelIsCappedByTheEnvironment) {
     // the variable took effect (it can only lower the level).
     const char* env = std::getenv("ORCHARD_CPU_SIMD");
     if (env != nullptr) {
-        EXPECT_LE(int(cpu::simd_level()), int(cpu::SimdLevel::avx512));
         EXPECT_STREQ(cpu::to_string(cpu::simd_level()), env);
     }
     EXPECT_STREQ(cpu::to_string(cpu::SimdLevel::avx2), "avx2");
@@ -220,25 +220,75 @@ Case fused_vs_two_pass_case() {
             .left = 60, .right = 10, .softcap = 2.0, .alibi = 1, .dropout = 0.1};
 }
 
+// 16 (batch, kv head) pairs: the bf16-GEMM backward runs fused (fuse_dq_bf16).
+Case many_kv_heads_case() {
+    return {.name = "kv16", .B = 4, .Sq = 70, .Sk = 90, .Hq = 8, .Hkv = 4, .D = 40,
+            .causal = true, .dropout = 0.1};
+}
+
+TEST(Backward, Bf16FusedAndTwoPassMatchTheReference) {
+    // Both variants of the bf16 backward (on the bf16 GEMMs where cpu::bf16_gemms(), which the
+    // ctest entry cases_bf16_gemms_vector forces) against float64.
+    for (const Case& c : {fused_vs_two_pass_case(), many_kv_heads_case()}) {
+        Inputs in = make_inputs(c, DType::bf16);
+        const Result ref = run_reference(c, in);
+        const Result got = run_case(c, in, DType::bf16, Backend::cpu);
+        const double tol = 3 * tolerance(DType::bf16);
+        EXPECT_LE(rel_error(got.dq, ref.dq), tol) << c.name;
+        EXPECT_LE(rel_error(got.dk, ref.dk), tol) << c.name;
+        EXPECT_LE(rel_error(got.dv, ref.dv), tol) << c.name;
+    }
+}
+
 TEST(Determinism, BackwardIsBitwiseIdenticalAcrossRunsAndThreadCounts) {
     ASSERT_FALSE(cpu::fuse_dq(3, 2, 0, false));
     ASSERT_TRUE(cpu::fuse_dq(3, 1, 0, false));
-    for (const Case& c : {determinism_case(), fused_vs_two_pass_case()}) {
-        Inputs in = make_inputs(c, DType::f32);
-        const int before = num_threads();
-        set_num_threads(2);
-        const Result first = run_case(c, in, DType::f32, Backend::cpu);
-        const Result again = run_case(c, in, DType::f32, Backend::cpu);
-        set_num_threads(1);
-        const Result serial = run_case(c, in, DType::f32, Backend::cpu);
-        set_num_threads(before);
-        for (const Result* r : {&again, &serial}) {
-            EXPECT_EQ(r->out, first.out) << c.name;
-            EXPECT_EQ(r->dq, first.dq) << c.name;
-            EXPECT_EQ(r->dk, first.dk) << c.name;
-            EXPECT_EQ(r->dv, first.dv) << c.name;
+    // bf16 runs on the bf16 GEMMs where cpu::bf16_gemms(); their backward fuses by the problem's
+    // size alone (16 kv heads: fused, 3: two passes).
+    ASSERT_TRUE(cpu::fuse_dq_bf16(16, 0, false));
+    for (DType dt : {DType::f32, DType::bf16})
+        for (const Case& c : {determinism_case(), fused_vs_two_pass_case(), many_kv_heads_case()}) {
+            Inputs in = make_inputs(c, dt);
+            const int before = num_threads();
+            set_num_threads(2);
+            const Result first = run_case(c, in, dt, Backend::cpu);
+            const Result again = run_case(c, in, dt, Backend::cpu);
+            set_num_threads(1);
+            const Result serial = run_case(c, in, dt, Backend::cpu);
+            set_num_threads(before);
+            for (const Result* r : {&again, &serial}) {
+                EXPECT_EQ(r->out, first.out) << case_name(c, dt);
+                EXPECT_EQ(r->dq, first.dq) << case_name(c, dt);
+                EXPECT_EQ(r->dk, first.dk) << case_name(c, dt);
+                EXPECT_EQ(r->dv, first.dv) << case_name(c, dt);
+            }
         }
+}
+
+TEST(SimdDispatch, Bf16GemmsRunExactlyWhereTheLevelAllows) {
+    // The ctest entries cases_simd_avx512_bf16 (AMX off) and cases_simd_avx512 (bf16 GEMMs off)
+    // and cases_bf16_gemms_vector (forced on AVX512-BF16) rerun this with the kill switches set.
+    const bool amx = cpu::simd_level() >= cpu::SimdLevel::amx;
+    const char* force = std::getenv("ORCHARD_CPU_BF16_GEMMS");
+    const bool forced = force != nullptr && std::string(force) == "1";
+    EXPECT_EQ(cpu::bf16_gemms(),
+              amx || (forced && cpu::simd_level() >= cpu::SimdLevel::avx512_bf16));
+    const Case c{.name = "path", .B = 1, .Sq = 40, .Sk = 40, .Hq = 2, .Hkv = 2, .D = 32};
+    for (DType dt : {DType::f32, DType::bf16}) {
+        Inputs in = make_inputs(c, dt);
+        const int64_t amx_before = cpu::bf16_gemm_calls(true), vec_before = cpu::bf16_gemm_calls(false);
+        run_case(c, in, dt, Backend::cpu);  // one forward, one backward
+        const int64_t want = dt == DType::bf16 && cpu::bf16_gemms() ? 2 : 0;
+        EXPECT_EQ(cpu::bf16_gemm_calls(true) - amx_before, amx ? want : 0) << to_string(dt);
+        EXPECT_EQ(cpu::bf16_gemm_calls(false) - vec_before, amx ? 0 : want) << to_string(dt);
     }
+}
+
+TEST(TileSize, Bf16BackwardFusesByProblemSizeOnly) {
+    EXPECT_TRUE(cpu::fuse_dq_bf16(16, 1 << 20, false));
+    EXPECT_FALSE(cpu::fuse_dq_bf16(15, 1 << 20, false));
+    EXPECT_FALSE(cpu::fuse_dq_bf16(64, 1 << 20, true));           // varlen: uneven tasks
+    EXPECT_FALSE(cpu::fuse_dq_bf16(64, int64_t(1) << 30, false));  // buffer too large
 }
 
 TEST(TileSize, FusedBackwardOnlyWhenTasksSpreadEvenly) {
