@@ -3,7 +3,7 @@
 # gpu_stage.sh puts them in .gpu/): the C++ case list, the Python suite on CUDA,
 # compute-sanitizer (memcheck, racecheck) on a small forward + backward, the training demo with
 # --device cuda, and the benchmark against SDPA. Logs and results go to $OUT (default ./gpu-out).
-#   bash tools/gpu_check.sh [tests|sanitize|demo|bench|all]...
+#   bash tools/gpu_check.sh [tests|sanitize|cpu|demo|bench|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -37,6 +37,10 @@ for what in "${@:-all}"; do
                 --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*varlen_float16*:Cuda/*hdim128_mqa*bfloat16*'
             step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 "$tests" \
                 --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*hdim96_float16*' ;;&
+        cpu | all)  # the CPU kernels on this host's CPU (AMX where it has it), C++ and Python
+            step cpu_cases env ORCHARD_CPU_SIMD=amx "$tests" --gtest_brief=1 \
+                --gtest_filter='Cases*:Float64*:Determinism*:Backward*:SimdDispatch*:GemmBf16*:PositionOffsets*'
+            step py_all python3 -m pytest -q -x tests/python -m "not inductor" -p no:cacheprovider ;;&
         demo | all)
             step demo python3 -m orchard demo --device cuda --steps 60 --out "$out/demo" ;;&
         bench | all)
