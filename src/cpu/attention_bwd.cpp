@@ -234,7 +234,7 @@ inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const f
                            const PackedT& qt, const PackedT& dot, int64_t b, int64_t hk,
                            int64_t nb, float* dq_acc) {
     using T = bfloat16_t;
-    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = p.diag(b);
     const int64_t j0 = nb * ts.block_k;
     if (j0 >= sk) return;
     const int64_t cols = std::min(ts.block_k, sk - j0), group = p.Hq / p.Hkv;
@@ -316,7 +316,7 @@ inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const f
 inline void dq_task_bf16(const AttentionParams& p, const TileSize& ts, const float* dsum,
                          const PackedT& kt, int64_t b, int64_t h, int64_t mb) {
     using T = bfloat16_t;
-    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = p.diag(b);
     const int64_t i0 = mb * ts.block_q;
     if (i0 >= sq) return;
     const int64_t rows = std::min(ts.block_q, sq - i0), hk = h / (p.Hq / p.Hkv);

@@ -139,7 +139,7 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
 inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const PackedT& vt,
                           int64_t b, int64_t h, int64_t mb) {
     using T = bfloat16_t;
-    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = sk - sq;
+    const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = p.diag(b);
     const int64_t i0 = mb * ts.block_q;
     if (i0 >= sq) return;
     const int64_t rows = std::min(ts.block_q, sq - i0);
