@@ -70,6 +70,34 @@ __device__ __forceinline__ uint32_t keep_bits(const KernelParams& p, int64_t bh,
     return bits;
 }
 
+// Scores of kTiles C tiles: the general transform where the call has softcap / ALiBi, then -inf
+// where the tile is not fully visible; `ij(tile, c)` gives an element's (query, key). One branch
+// per tile and pass (see the forward kernel).
+template <int kTiles, class IJ>
+__device__ __forceinline__ void transform_and_mask(const KernelParams& p, const Seq& s,
+                                                   const ScoreMod& mod, bool full,
+                                                   float (&acc)[kTiles][4], IJ ij) {
+    if (!mod.plain) {
+#pragma unroll
+        for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const auto [i, j] = ij(tile, c);
+                acc[tile][c] = mod.general(acc[tile][c], i + s.diag - j);
+            }
+    }
+    if (!full) {
+#pragma unroll
+        for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const auto [i, j] = ij(tile, c);
+                const int64_t rel = j - i - s.diag;
+                if (rel < -p.window_left || rel > p.window_right || j >= s.sk) acc[tile][c] = -INFINITY;
+            }
+    }
+}
+
 // From scores s (log2 units, or raw on the plain path; masked = -inf) and dp of kTiles C tiles:
 // s <- P * z (for dV) and dp <- dS = P * (dp * z - delta) [* (1 - tanh^2)] * scale, with
 // z = keep ? 1 / (1 - p) : 0.
@@ -188,7 +216,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
         }
 
         // Element (qt, c): key j = n0 + kr + g + 8 * (c / 2), query i = m0 + qt * 8 + 2t + c % 2.
-        // One branch per tile and pass (see the forward kernel).
         auto ij = [&](int qt, int c) {
             return std::pair<int64_t, int64_t>{m0 + qt * 8 + 2 * t + c % 2, n0 + kr + g + 8 * (c / 2)};
         };
@@ -196,22 +223,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
             const auto [i, j] = ij(qt, c);
             return i + diag - j;
         };
-        if (!mod.plain) {
-#pragma unroll
-            for (int qt = 0; qt < kQT; ++qt)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) st[qt][c] = mod.general(st[qt][c], dist(qt, c));
-        }
-        if (!tile_fully_visible(p, s, m0, kBM, n0, kBN)) {
-#pragma unroll
-            for (int qt = 0; qt < kQT; ++qt)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const auto [i, j] = ij(qt, c);
-                    const int64_t rel = j - i - diag;
-                    if (rel < -p.window_left || rel > p.window_right || j >= s.sk) st[qt][c] = -INFINITY;
-                }
-        }
+        transform_and_mask(p, s, mod, tile_fully_visible(p, s, m0, kBM, n0, kBN), st, ij);
         const uint32_t keep = p.dropout ? keep_bits<kQT>(p, int64_t(b) * p.Hq + h, ij) : ~0u;
         auto lse2_delta = [&](int qt, int c) {
             const int r = qt * 8 + 2 * t + c % 2;
@@ -356,22 +368,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
             const auto [i, j] = ij(nt, c);
             return i + diag - j;
         };
-        if (!mod.plain) {
-#pragma unroll
-            for (int nt = 0; nt < kKT; ++nt)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc_s[nt][c] = mod.general(acc_s[nt][c], dist(nt, c));
-        }
-        if (!tile_fully_visible(p, s, m0, kBQ, n0, kBK)) {
-#pragma unroll
-            for (int nt = 0; nt < kKT; ++nt)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const auto [i, j] = ij(nt, c);
-                    const int64_t rel = j - i - diag;
-                    if (rel < -p.window_left || rel > p.window_right || j >= s.sk) acc_s[nt][c] = -INFINITY;
-                }
-        }
+        transform_and_mask(p, s, mod, tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, ij);
         const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, ij) : ~0u;
         auto lse2_delta = [&](int, int c) { return std::pair<float, float>{lse2[c / 2], delta[c / 2]}; };
         if (mod.softcap > 0.f)
