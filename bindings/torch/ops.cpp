@@ -9,9 +9,11 @@
 #include <dlfcn.h>
 
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "orchard/attention.h"
@@ -181,6 +183,15 @@ Tensor readable_on_cuda(const std::string& op, orchard::Direction dir, const cha
     return torch::stable::contiguous(t);
 }
 
+// For CUDA tensors: PyTorch's current stream, and the named inputs made readable by the kernels.
+void prepare_cuda(const std::string& op, orchard::Direction dir, orchard::AttentionOptions& o,
+                  std::initializer_list<std::pair<const char*, Tensor*>> inputs) {
+    const Tensor& q = *inputs.begin()->second;
+    if (!q.is_cuda()) return;
+    o.stream = current_cuda_stream(op, q.get_device_index());
+    for (const auto& [name, t] : inputs) *t = readable_on_cuda(op, dir, name, *t);
+}
+
 // Orchard's CPU work runs on PyTorch's own intra-op threads: a second pool would compete with
 // them for the cores (they keep spinning after each op).
 void torch_run(int n, void (*body)(void* ctx, int worker), void* ctx) {
@@ -214,12 +225,7 @@ std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, std::optional<Tenso
                               window_right,      softcap,          alibi_slopes, rng_state,
                               q_position_offset, k_position_offset};
         orchard::AttentionOptions o = options_of(op, args, deterministic);
-        if (q.is_cuda()) {
-            o.stream = current_cuda_stream(op, q.get_device_index());
-            q = readable_on_cuda(op, orchard::Direction::forward, "q", q);
-            k = readable_on_cuda(op, orchard::Direction::forward, "k", k);
-            v = readable_on_cuda(op, orchard::Direction::forward, "v", v);
-        }
+        prepare_cuda(op, orchard::Direction::forward, o, {{"q", &q}, {"k", &k}, {"v", &v}});
         const bool varlen = cu_seqlens_q.has_value();
         std::vector<int64_t> out_shape = sizes_of(q);
         if (!out_shape.empty()) out_shape.back() = v.dim() > 0 ? v.size(v.dim() - 1) : 0;
@@ -252,15 +258,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v
                               window_right,      softcap,          alibi_slopes, rng_state,
                               q_position_offset, k_position_offset};
         orchard::AttentionOptions o = options_of(op, args, deterministic);
-        if (q.is_cuda()) {
-            const auto dir = orchard::Direction::backward;
-            o.stream = current_cuda_stream(op, q.get_device_index());
-            q = readable_on_cuda(op, dir, "q", q);
-            k = readable_on_cuda(op, dir, "k", k);
-            v = readable_on_cuda(op, dir, "v", v);
-            out = readable_on_cuda(op, dir, "out", out);
-            dout = readable_on_cuda(op, dir, "dout", dout);
-        }
+        prepare_cuda(op, orchard::Direction::backward, o,
+                     {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"dout", &dout}});
         // A gradient not asked for is returned as an empty (0,) tensor and not computed.
         auto grad_like = [&](const Tensor& x, bool needed) {
             return torch::stable::new_empty(x, needed ? sizes_of(x) : std::vector<int64_t>{0});

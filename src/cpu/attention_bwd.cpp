@@ -201,11 +201,9 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
     load_row_stats(p, dsum, b, h, i0, rows, ldq, lse.get(), di.get());
 
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : A(0);
-    const Span first = visible_keys(i0, diag, p.window_left, p.window_right, sk);
-    const Span last = visible_keys(i0 + rows - 1, diag, p.window_left, p.window_right, sk);
-    const int64_t j_hi = std::max(last.hi, first.lo);
-    for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
-        const int64_t cols = std::min(bk, j_hi - j0);
+    const Span keys = keys_of_rows(i0, rows, diag, p.window_left, p.window_right, sk);
+    for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
+        const int64_t cols = std::min(bk, keys.hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
         pack_rows(k.get(), ldd, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
                   cols, p.D, ldd);
@@ -341,11 +339,9 @@ inline void dq_task_bf16(const AttentionParams& p, const TileSize& ts, const flo
     load_row_stats(p, dsum, b, h, i0, rows, ldq, lse.get(), di.get());
 
     const float slope = p.alibi_slopes ? float(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : 0.f;
-    const Span first = visible_keys(i0, diag, p.window_left, p.window_right, sk);
-    const Span last = visible_keys(i0 + rows - 1, diag, p.window_left, p.window_right, sk);
-    const int64_t j_hi = std::max(last.hi, first.lo);
-    for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
-        const int64_t cols = std::min(bk, j_hi - j0);
+    const Span keys = keys_of_rows(i0, rows, diag, p.window_left, p.window_right, sk);
+    for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
+        const int64_t cols = std::min(bk, keys.hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
         pack_bf16_rows(k.get(), dp, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
                        cols, p.D, dp);

@@ -102,12 +102,10 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
                     rows, p.D, ldq, score_prescale<A>(p));
 
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : A(0);
-    const Span first = visible_keys(i0, diag, p.window_left, p.window_right, sk);
-    const Span last = visible_keys(i0 + rows - 1, diag, p.window_left, p.window_right, sk);
-    const int64_t j_hi = std::max(last.hi, first.lo);
+    const Span keys = keys_of_rows(i0, rows, diag, p.window_left, p.window_right, sk);
 
-    for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
-        const int64_t cols = std::min(bk, j_hi - j0);
+    for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
+        const int64_t cols = std::min(bk, keys.hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
         // S^T = k q^T, k read in place when no conversion is needed (any strides).
         const ElementOperand<A> ka =
@@ -169,12 +167,10 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const Pa
                                p.q_st.d, rows, p.D, ldq);
 
     const float slope = p.alibi_slopes ? float(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : 0.f;
-    const Span first = visible_keys(i0, diag, p.window_left, p.window_right, sk);
-    const Span last = visible_keys(i0 + rows - 1, diag, p.window_left, p.window_right, sk);
-    const int64_t j_hi = std::max(last.hi, first.lo);
+    const Span keys = keys_of_rows(i0, rows, diag, p.window_left, p.window_right, sk);
 
-    for (int64_t j0 = first.lo; j0 < j_hi; j0 += bk) {
-        const int64_t cols = std::min(bk, j_hi - j0);
+    for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
+        const int64_t cols = std::min(bk, keys.hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
         pack_bf16_rows(k.get(), dp, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
                        cols, p.D, dp);

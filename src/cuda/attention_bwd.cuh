@@ -291,11 +291,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
     const ScoreMod mod = score_mod(p, b, h);
     const int64_t bh = int64_t(b) * p.Hq + h;
 
-    const int64_t last_q = min(m0 + kBQ, s.sq) - 1;
-    const int64_t key_lo = visible_keys(m0, diag, p.window_left, p.window_right, s.sk).lo;
-    const int64_t key_hi = visible_keys(last_q, diag, p.window_left, p.window_right, s.sk).hi;
-    const int n_first = int(key_lo / kBK);
-    const int n_end = key_hi > key_lo ? int((key_hi + kBK - 1) / kBK) : n_first;
+    const Span block_keys =
+        keys_of_rows(m0, min(int64_t(kBQ), s.sq - m0), diag, p.window_left, p.window_right, s.sk);
+    const int n_first = int(block_keys.lo / kBK);
+    const int n_end = block_keys.hi > block_keys.lo ? int((block_keys.hi + kBK - 1) / kBK) : n_first;
 
     const T* k = row_ptr<T>(p.k, p.k_st, b, s.first_k, hk);
     const T* v = row_ptr<T>(p.v, p.v_st, b, s.first_k, hk);

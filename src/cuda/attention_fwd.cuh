@@ -48,11 +48,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
     const T* v = row_ptr<T>(p.v, p.v_st, b, s.first_k, hk);
 
     // Keys any row of this block sees.
-    const int64_t last_q = min(m0 + kBM, s.sq) - 1;
-    const int64_t key_lo = visible_keys(m0, diag, p.window_left, p.window_right, s.sk).lo;
-    const int64_t key_hi = visible_keys(last_q, diag, p.window_left, p.window_right, s.sk).hi;
-    const int n_first = int(key_lo / kBN);
-    const int n_end = key_hi > key_lo ? int((key_hi + kBN - 1) / kBN) : n_first;
+    const Span block_keys =
+        keys_of_rows(m0, min(int64_t(kBM), s.sq - m0), diag, p.window_left, p.window_right, s.sk);
+    const int n_first = int(block_keys.lo / kBN);
+    const int n_end = block_keys.hi > block_keys.lo ? int((block_keys.hi + kBN - 1) / kBN) : n_first;
 
     load_tile_async<kBM, kD, Cfg::kThreads>(sQ, q, p.q_st.s, m0, s.sq, p.D);
     if (n_first < n_end) {
