@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -74,12 +75,17 @@ def measure(case: dict) -> dict:
     # Orchard: the ops themselves (forward; backward from the saved out / lse).
     opts = (None, None, 0, 0, 0.0, None, causal, window if causal else -1, 0 if causal else -1,
             0.0, None, torch.zeros(2, dtype=torch.int64), False, "bench")
-    out, lse = _ops.ops.fwd(q, k, v, *opts)
-    bwd_args = (dout, q, k, v, out, lse, *opts[:-1], True, True, True, "bench")
-    t_fwd = cuda_time(lambda: _ops.ops.fwd(q, k, v, *opts))
-    t_bwd = cuda_time(lambda: _ops.ops.bwd(*bwd_args))
-    row["orchard"] = {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3,
-                      "fwd_tflops": flops / t_fwd / 1e12, "bwd_tflops": 2.5 * flops / t_bwd / 1e12}
+    # "orchard" is what a user gets (the wgmma kernels on Hopper), "orchard_mma" the mma.sync
+    # kernels every sm_80+ GPU runs (ORCHARD_CUDA_WGMMA=0, read by the backend on each call).
+    for impl, wgmma in (("orchard", "1"), ("orchard_mma", "0")):
+        os.environ["ORCHARD_CUDA_WGMMA"] = wgmma
+        out, lse = _ops.ops.fwd(q, k, v, *opts)
+        bwd_args = (dout, q, k, v, out, lse, *opts[:-1], True, True, True, "bench")
+        t_fwd = cuda_time(lambda: _ops.ops.fwd(q, k, v, *opts))
+        t_bwd = cuda_time(lambda: _ops.ops.bwd(*bwd_args))
+        row[impl] = {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3,
+                     "fwd_tflops": flops / t_fwd / 1e12, "bwd_tflops": 2.5 * flops / t_bwd / 1e12}
+    os.environ.pop("ORCHARD_CUDA_WGMMA")
 
     # Peers: (B, H, S, D) views, k/v expanded to Hq heads, full causal.
     peer_flops = 4 * B * Hq * D * visible_pairs(S, causal, -1)
@@ -127,7 +133,7 @@ def plot(rows: list[dict], path: Path) -> None:
         rs = [r for r in fa if r["name"] == name]
         for row_i, direction in enumerate(("fwd", "bwd")):
             ax = axes[row_i][col]
-            for impl in ("orchard", *PEERS):
+            for impl in ("orchard", "orchard_mma", *PEERS):
                 pts = [(r["S"], r[impl][f"{direction}_tflops"]) for r in rs if "error" not in r[impl]]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=impl)
@@ -180,8 +186,10 @@ def main() -> None:
         o = row["orchard"]
         peers = " ".join(f"{n} {row[n].get('fwd_tflops', float('nan')):5.0f}/{row[n].get('bwd_tflops', float('nan')):5.0f}"
                          for n in PEERS)
+        m = row["orchard_mma"]
         print(f"{row['name']:16s} S={row['S']:6d} orchard {o['fwd_tflops']:5.0f}/{o['bwd_tflops']:5.0f} "
-              f"({o['fwd_tflops'] / ceiling:.2f}/{o['bwd_tflops'] / ceiling:.2f} of ceiling)  {peers}",
+              f"({o['fwd_tflops'] / ceiling:.2f}/{o['bwd_tflops'] / ceiling:.2f} of ceiling)  "
+              f"mma {m['fwd_tflops']:5.0f}/{m['bwd_tflops']:5.0f}  {peers}",
               flush=True)
     stamp = datetime.date.today().isoformat()
     meta = {"date": stamp, "device": torch.cuda.get_device_name(), "torch": torch.__version__,

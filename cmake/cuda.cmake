@@ -32,6 +32,9 @@ function(orchard_cuda_configure target)
   # are C++20).
   set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES OFF CUDA_STANDARD_REQUIRED OFF)
   target_include_directories(${target} PRIVATE ${ORCHARD_CUDA_GEN})
+  if("90a" IN_LIST ORCHARD_CUDA_ARCHS)  # the wgmma kernels exist (backend.cu picks them on Hopper)
+    target_compile_definitions(${target} PRIVATE ORCHARD_CUDA_SM90A)
+  endif()
   target_compile_options(${target} PRIVATE
     "$<$<COMPILE_LANGUAGE:CUDA>:${ORCHARD_CUDA_GENCODE};-std=c++20;--expt-relaxed-constexpr;-Xptxas=-warn-spills;-lineinfo>")
   # Static runtime: the binaries need only the driver (libcuda) on the machine that runs them.

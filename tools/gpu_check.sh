@@ -30,13 +30,15 @@ for what in "${@:-all}"; do
     case $what in
         tests | all)
             nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv >> "$log"
-            step cpp_cuda "$tests" --gtest_filter='Cuda*:CudaBackend*' --gtest_brief=1
+            step cpp_cuda "$tests" --gtest_filter='Cuda*:CudaBackend*:Wgmma*' --gtest_brief=1
+            # The mma.sync kernels too (on Hopper the default is the wgmma ones).
+            step cpp_cuda_mma env ORCHARD_CUDA_WGMMA=0 "$tests" --gtest_filter='Cuda*' --gtest_brief=1
             step py_cuda python3 -m pytest -q -x tests/python/test_cuda.py -p no:cacheprovider ;;&
         sanitize | all)
             step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$tests" \
                 --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*varlen_float16*:Cuda/*hdim128_mqa*bfloat16*'
             step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 "$tests" \
-                --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*hdim96_float16*' ;;&
+                --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*hdim96_float16*:Cuda/*hdim128_mqa*bfloat16*' ;;&
         cpu | all)  # the CPU kernels on this host's CPU (AMX where it has it), C++ and Python
             step cpu_cases env ORCHARD_CPU_SIMD=amx "$tests" --gtest_brief=1 \
                 --gtest_filter='Cases*:Float64*:Determinism*:Backward*:SimdDispatch*:GemmBf16*:PositionOffsets*'

@@ -291,10 +291,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
     const ScoreMod mod = score_mod(p, b, h);
     const int64_t bh = int64_t(b) * p.Hq + h;
 
-    const Span block_keys =
-        keys_of_rows(m0, min(int64_t(kBQ), s.sq - m0), diag, p.window_left, p.window_right, s.sk);
-    const int n_first = int(block_keys.lo / kBK);
-    const int n_end = block_keys.hi > block_keys.lo ? int((block_keys.hi + kBK - 1) / kBK) : n_first;
+    const auto [n_first, n_end] = key_tiles(p, s, m0, kBQ, kBK);
 
     const T* k = row_ptr<T>(p.k, p.k_st, b, s.first_k, hk);
     const T* v = row_ptr<T>(p.v, p.v_st, b, s.first_k, hk);
@@ -402,15 +399,19 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
 
 inline bool empty_grid(const dim3& g) { return g.x == 0 || g.y == 0 || g.z == 0; }
 
+// Empty grids (no query, no key, no head) launch nothing; dK/dV still run with no query, to
+// write their zeros.
+template <class T>
+void launch_bwd_delta(const KernelParams& p, cudaStream_t stream) {
+    const dim3 grid(unsigned((p.Sq + kDeltaRows - 1) / kDeltaRows), unsigned(p.Hq), unsigned(p.B));
+    if (empty_grid(grid)) return;
+    attention_bwd_delta_kernel<T><<<grid, kDeltaRows * 32, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "backward preprocess kernel launch");
+}
+
 template <class T, class Cfg>
 void launch_bwd(const KernelParams& p, cudaStream_t stream) {
-    // Empty grids (no query, no key, no head) launch nothing; dK/dV still run with no query, to
-    // write their zeros.
-    const dim3 delta_grid(unsigned((p.Sq + kDeltaRows - 1) / kDeltaRows), unsigned(p.Hq), unsigned(p.B));
-    if (!empty_grid(delta_grid)) {
-        attention_bwd_delta_kernel<T><<<delta_grid, kDeltaRows * 32, 0, stream>>>(p);
-        check_cuda(cudaGetLastError(), "backward preprocess kernel launch");
-    }
+    launch_bwd_delta<T>(p, stream);
     const dim3 dkdv_grid(unsigned((p.Sk + Cfg::kBN - 1) / Cfg::kBN), unsigned(p.Hkv), unsigned(p.B));
     if ((p.dk || p.dv) && !empty_grid(dkdv_grid)) {
         auto kernel = attention_bwd_dkdv_kernel<T, Cfg>;

@@ -24,6 +24,153 @@ struct FwdConfig {
     static constexpr size_t kSmemBytes = size_t(kBM + 4 * kBN) * kP * 2;
 };
 
+// The online-softmax state of a warp's kMF row blocks: per thread, rows g and g + 8 of each.
+template <int kMF>
+struct RowStats {
+    float max[kMF][2];  // log2 units
+    float sum[kMF][2];  // per-lane partial sums
+    __device__ __forceinline__ RowStats() {
+#pragma unroll
+        for (int mf = 0; mf < kMF; ++mf)
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) max[mf][rr] = -INFINITY, sum[mf][rr] = 0.f;
+    }
+};
+
+// One key tile of the forward on a warp's score fragments, shared by the mma.sync and the wgmma
+// kernels: score transform, mask, online softmax (rescaling acc_o), dropout. Afterwards acc_s
+// holds P (dropped entries zero) ready for P V.
+// Element (mf, nt, c) of acc_s: query row0 + mf * 16 + g + 8 * (c / 2), key n0 + nt * 8 + 2t + c % 2;
+// `full`: every (query, key) of the block's tile is visible (tile_fully_visible).
+template <int kMF, int kNT, int kDT>
+__device__ __forceinline__ void fwd_softmax_tile(const KernelParams& p, const Seq& s,
+                                                 const ScoreMod& mod, int b, int h, int64_t row0,
+                                                 int64_t n0, bool full, float (&acc_s)[kMF][kNT][4],
+                                                 float (&acc_o)[kMF][kDT][4], RowStats<kMF>& st) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int64_t diag = s.diag;
+    // Each pass below branches once per tile, so the common path (no softcap, ALiBi, mask or
+    // dropout) is straight-line code the compiler can schedule across all elements.
+    if (!mod.plain) {
+#pragma unroll
+        for (int mf = 0; mf < kMF; ++mf)
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int64_t i = row0 + mf * 16 + g + 8 * (c / 2);
+                    const int64_t j = n0 + nt * 8 + 2 * t + c % 2;
+                    acc_s[mf][nt][c] = mod.general(acc_s[mf][nt][c], i + diag - j);
+                }
+    }
+    if (!full) {
+#pragma unroll
+        for (int mf = 0; mf < kMF; ++mf)
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                const int64_t i = row0 + mf * 16 + g + rr * 8;
+                const Span keys = visible_keys(i, diag, p.window_left, p.window_right, s.sk);
+                // Visible columns of this tile, [lo, hi) relative to n0.
+                const int lo = int(max(min(keys.lo - n0, int64_t(kNT * 8)), int64_t(0)));
+                const int hi = int(max(min(keys.hi - n0, int64_t(kNT * 8)), int64_t(0)));
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int col = nt * 8 + 2 * t + e;
+                        if (col < lo || col >= hi) acc_s[mf][nt][2 * rr + e] = -INFINITY;
+                    }
+            }
+    }
+    // Online softmax: new row max, rescale of the running sum and output, P = exp2(s - max)
+    // (max in log2 units; raw plain-path scores scaled inside the FMA).
+    const float factor = mod.log2_factor();
+#pragma unroll
+    for (int mf = 0; mf < kMF; ++mf) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+                mx = fmaxf(mx, fmaxf(acc_s[mf][nt][2 * rr], acc_s[mf][nt][2 * rr + 1]));
+            mx = fmaxf(st.max[mf][rr], quad_max(mx) * factor);
+            // A row with nothing visible yet keeps max -inf: subtract 0 instead (exp2 -> 0).
+            const float base = mx == -INFINITY ? 0.f : mx;
+            const float rescale = fast_exp2(st.max[mf][rr] - base);
+            st.max[mf][rr] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+                acc_s[mf][nt][2 * rr] = fast_exp2(fmaf(acc_s[mf][nt][2 * rr], factor, -base));
+                acc_s[mf][nt][2 * rr + 1] = fast_exp2(fmaf(acc_s[mf][nt][2 * rr + 1], factor, -base));
+                sum += acc_s[mf][nt][2 * rr] + acc_s[mf][nt][2 * rr + 1];
+            }
+            st.sum[mf][rr] = st.sum[mf][rr] * rescale + sum;
+#pragma unroll
+            for (int dt = 0; dt < kDT; ++dt) {
+                acc_o[mf][dt][2 * rr] *= rescale;
+                acc_o[mf][dt][2 * rr + 1] *= rescale;
+            }
+        }
+    }
+    // Dropout on P: the row sums above keep the dropped values, P V does not. Keep bits first
+    // (a rolled loop: Philox's registers stay out of the unrolled code), then a select each.
+    if (p.dropout) {
+        const int64_t bh = int64_t(b) * p.Hq + h;
+#pragma unroll
+        for (int mf = 0; mf < kMF; ++mf) {
+#pragma unroll
+            for (int half = 0; half < (kNT + 7) / 8; ++half) {  // 8 C tiles (32 bits) at a time
+                constexpr int kChunk = kNT < 8 ? kNT : 8;
+                uint32_t keep = 0;  // bit 4 * (nt % 8) + c
+#pragma unroll 1
+                for (int x = 0; x < 2 * kChunk; ++x) {
+                    const int rr = x / kChunk, nt = half * 8 + x % kChunk;
+                    const int64_t i = row0 + mf * 16 + g + rr * 8;
+                    const int64_t j = n0 + nt * 8 + 2 * t;
+                    // Keys j, j + 1 share one Philox call unless a key offset puts them in two.
+                    const Philox4 w = dropout_words_at(p, bh, i, j);
+                    const int64_t J = p.k_pos + j;
+                    const uint32_t u1 = (J & 3) == 3 ? dropout_words_at(p, bh, i, j + 1).x[0]
+                                                     : dropout_word(w, J + 1);
+                    keep |= uint32_t(dropout_word(w, J) < p.keep_threshold) << ((nt % 8) * 4 + rr * 2);
+                    keep |= uint32_t(u1 < p.keep_threshold) << ((nt % 8) * 4 + rr * 2 + 1);
+                }
+#pragma unroll
+                for (int nt = half * 8; nt < half * 8 + kChunk; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c)
+                        if (!((keep >> ((nt % 8) * 4 + c)) & 1u)) acc_s[mf][nt][c] = 0.f;
+            }
+        }
+    }
+}
+
+// The forward's end for a warp's kMF row blocks: out = acc / sum (times 1 / (1 - p) under
+// dropout), lse = ln(sum) + max. Rows that saw no key get out = 0 and lse = +inf (DESIGN.md).
+template <class T, int kMF, int kD>
+__device__ __forceinline__ void fwd_epilogue(const KernelParams& p, const Seq& s, int b, int h,
+                                             int64_t row0, float (&acc_o)[kMF][kD / 8][4],
+                                             const RowStats<kMF>& st) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    T* out = static_cast<T*>(p.out_w) + b * p.out_st.b + s.first_q * p.out_st.s + int64_t(h) * p.out_st.h;
+#pragma unroll
+    for (int mf = 0; mf < kMF; ++mf) {
+        float factor[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const float sum = quad_sum(st.sum[mf][rr]);
+            const bool empty = sum == 0.f;
+            factor[rr] = empty ? 0.f : p.rp_dropout / sum;
+            const int64_t i = row0 + mf * 16 + g + rr * 8;
+            if (t == 0 && i < s.sq)
+                p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] =
+                    empty ? INFINITY : (st.max[mf][rr] + log2f(sum)) * kLn2;
+        }
+        store_rows<kD, T>(out, p.out_st.s, row0 + mf * 16, s.sq, p.D, acc_o[mf], factor);
+    }
+}
+
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const KernelParams p) {
     constexpr int kD = Cfg::kD, kBM = Cfg::kBM, kBN = Cfg::kBN, kMF = Cfg::kMF, kP = Cfg::kP;
@@ -39,19 +186,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
     const int64_t m0 = int64_t(m_block) * kBM;
     if (m0 >= s.sq) return;
     const int hk = h / (p.Hq / p.Hkv);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int64_t diag = s.diag;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const ScoreMod mod = score_mod(p, b, h);
 
     const T* q = row_ptr<T>(p.q, p.q_st, b, s.first_q, h);
     const T* k = row_ptr<T>(p.k, p.k_st, b, s.first_k, hk);
     const T* v = row_ptr<T>(p.v, p.v_st, b, s.first_k, hk);
 
-    // Keys any row of this block sees.
-    const Span block_keys =
-        keys_of_rows(m0, min(int64_t(kBM), s.sq - m0), diag, p.window_left, p.window_right, s.sk);
-    const int n_first = int(block_keys.lo / kBN);
-    const int n_end = block_keys.hi > block_keys.lo ? int((block_keys.hi + kBN - 1) / kBN) : n_first;
+    const auto [n_first, n_end] = key_tiles(p, s, m0, kBM, kBN);
 
     load_tile_async<kBM, kD, Cfg::kThreads>(sQ, q, p.q_st.s, m0, s.sq, p.D);
     if (n_first < n_end) {
@@ -61,10 +203,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
     cp_async_commit();
 
     float acc_o[kMF][kDT][4] = {};
-    float row_max[kMF][2], row_sum[kMF][2];  // log2 units; per-lane partial sums
-#pragma unroll
-    for (int mf = 0; mf < kMF; ++mf)
-        for (int rr = 0; rr < 2; ++rr) row_max[mf][rr] = -INFINITY, row_sum[mf][rr] = 0.f;
+    RowStats<kMF> stats;
 
     const int warp_row0 = warp * kMF * 16;  // first row of this warp inside the block
     for (int n = n_first; n < n_end; ++n) {
@@ -107,98 +246,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
             }
         }
 
-        // Each pass below branches once per tile, so the common path (no softcap, ALiBi, mask or
-        // dropout) is straight-line code the compiler can schedule across all 64 elements.
-        // Element (mf, nt, c): row warp_row0 + mf * 16 + g + 8 * (c / 2), key n0 + nt * 8 + 2t + c % 2.
-        if (!mod.plain) {
-#pragma unroll
-            for (int mf = 0; mf < kMF; ++mf)
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        const int64_t i = m0 + warp_row0 + mf * 16 + g + 8 * (c / 2);
-                        const int64_t j = n0 + nt * 8 + 2 * t + c % 2;
-                        acc_s[mf][nt][c] = mod.general(acc_s[mf][nt][c], i + diag - j);
-                    }
-        }
-        if (!tile_fully_visible(p, s, m0, kBM, n0, kBN)) {
-#pragma unroll
-            for (int mf = 0; mf < kMF; ++mf)
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr) {
-                    const int64_t i = m0 + warp_row0 + mf * 16 + g + rr * 8;
-                    const Span keys = visible_keys(i, diag, p.window_left, p.window_right, s.sk);
-                    // Visible columns of this tile, [lo, hi) relative to n0.
-                    const int lo = int(max(min(keys.lo - n0, int64_t(kBN)), int64_t(0)));
-                    const int hi = int(max(min(keys.hi - n0, int64_t(kBN)), int64_t(0)));
-#pragma unroll
-                    for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int col = nt * 8 + 2 * t + e;
-                            if (col < lo || col >= hi) acc_s[mf][nt][2 * rr + e] = -INFINITY;
-                        }
-                }
-        }
-        // Online softmax: new row max, rescale of the running sum and output, P = exp2(s - max)
-        // (row_max in log2 units; raw plain-path scores scaled inside the FMA).
-        const float factor = mod.log2_factor();
-#pragma unroll
-        for (int mf = 0; mf < kMF; ++mf) {
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-                    mx = fmaxf(mx, fmaxf(acc_s[mf][nt][2 * rr], acc_s[mf][nt][2 * rr + 1]));
-                mx = fmaxf(row_max[mf][rr], quad_max(mx) * factor);
-                // A row with nothing visible yet keeps max -inf: subtract 0 instead (exp2 -> 0).
-                const float base = mx == -INFINITY ? 0.f : mx;
-                const float rescale = fast_exp2(row_max[mf][rr] - base);
-                row_max[mf][rr] = mx;
-                float sum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt) {
-                    acc_s[mf][nt][2 * rr] = fast_exp2(fmaf(acc_s[mf][nt][2 * rr], factor, -base));
-                    acc_s[mf][nt][2 * rr + 1] = fast_exp2(fmaf(acc_s[mf][nt][2 * rr + 1], factor, -base));
-                    sum += acc_s[mf][nt][2 * rr] + acc_s[mf][nt][2 * rr + 1];
-                }
-                row_sum[mf][rr] = row_sum[mf][rr] * rescale + sum;
-#pragma unroll
-                for (int dt = 0; dt < kDT; ++dt) {
-                    acc_o[mf][dt][2 * rr] *= rescale;
-                    acc_o[mf][dt][2 * rr + 1] *= rescale;
-                }
-            }
-        }
-        // Dropout on P: the row sums above keep the dropped values, P V does not. Keep bits first
-        // (a rolled loop: Philox's registers stay out of the unrolled code), then a select each.
-        if (p.dropout) {
-#pragma unroll
-            for (int mf = 0; mf < kMF; ++mf) {
-                static_assert(kNT * 4 <= 32, "keep bits of one row block fit 32 bits");
-                uint32_t keep = 0;  // bit 4 * nt + c
-#pragma unroll 1
-                for (int x = 0; x < 2 * kNT; ++x) {
-                    const int rr = x / kNT, nt = x % kNT;
-                    const int64_t i = m0 + warp_row0 + mf * 16 + g + rr * 8;
-                    const int64_t j = n0 + nt * 8 + 2 * t, bh = int64_t(b) * p.Hq + h;
-                    // Keys j, j + 1 share one Philox call unless a key offset puts them in two.
-                    const Philox4 w = dropout_words_at(p, bh, i, j);
-                    const int64_t J = p.k_pos + j;
-                    const uint32_t u1 = (J & 3) == 3 ? dropout_words_at(p, bh, i, j + 1).x[0]
-                                                     : dropout_word(w, J + 1);
-                    keep |= uint32_t(dropout_word(w, J) < p.keep_threshold) << (nt * 4 + rr * 2);
-                    keep |= uint32_t(u1 < p.keep_threshold) << (nt * 4 + rr * 2 + 1);
-                }
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c)
-                        if (!((keep >> (nt * 4 + c)) & 1u)) acc_s[mf][nt][c] = 0.f;
-            }
-        }
+        fwd_softmax_tile(p, s, mod, b, h, m0 + warp_row0, n0, tile_fully_visible(p, s, m0, kBM, n0, kBN),
+                         acc_s, acc_o, stats);
 
         // O += P V: P from registers (T), V^T fragments by transposing loads.
 #pragma unroll
@@ -222,25 +271,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
     }
     cp_async_wait<0>();  // no copy may outlive the block (rows that see no key skip the loop)
 
-    // out = acc / sum (times 1 / (1 - p) under dropout); lse = ln(sum) + max. Rows that saw no
-    // key get out = 0 and lse = +inf (DESIGN.md).
-    T* out = static_cast<T*>(p.out_w) + b * p.out_st.b + s.first_q * p.out_st.s + int64_t(h) * p.out_st.h;
-#pragma unroll
-    for (int mf = 0; mf < kMF; ++mf) {
-        float factor[2];
-        const int64_t row0 = m0 + warp_row0 + mf * 16;
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const float sum = quad_sum(row_sum[mf][rr]);
-            const bool empty = sum == 0.f;
-            factor[rr] = empty ? 0.f : p.rp_dropout / sum;
-            const int64_t i = row0 + g + rr * 8;
-            if (t == 0 && i < s.sq)
-                p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] =
-                    empty ? INFINITY : (row_max[mf][rr] + log2f(sum)) * kLn2;
-        }
-        store_rows<kD, T>(out, p.out_st.s, row0, s.sq, p.D, acc_o[mf], factor);
-    }
+    fwd_epilogue<T, kMF, kD>(p, s, b, h, m0 + warp_row0, acc_o, stats);
 }
 
 template <class T, class Cfg>

@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "core/backend.h"
@@ -130,17 +131,36 @@ private:
     int previous_ = 0;
 };
 
+// Whether the wgmma kernels run: this build has sm_90a code, the device has compute capability
+// 9.0 (the only one sm_90a code runs on), and ORCHARD_CUDA_WGMMA is not "0" (the switch that
+// lets tests and benchmarks run the mma.sync kernels on Hopper too).
+bool use_sm90(int device) {
+#if defined(ORCHARD_CUDA_SM90A)
+    const char* env = std::getenv("ORCHARD_CUDA_WGMMA");
+    if (env != nullptr && std::string(env) == "0") return false;
+    int major = 0, minor = 0;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+    return major == 9 && minor == 0;
+#else
+    (void)device;
+    return false;
+#endif
+}
+
 void attention_fwd(const AttentionParams& a) {
     const DeviceScope scope(a.device.index);
     const Variant& v = *find_variant(a.D);
-    const KernelParams p = make_kernel_params(a);
+    KernelParams p = make_kernel_params(a);
+    p.sm90 = use_sm90(a.device.index);
     (a.dtype == DType::f16 ? v.fwd_f16 : v.fwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 
 void attention_bwd(const AttentionParams& a) {
     const DeviceScope scope(a.device.index);
     const Variant& v = *find_variant(a.D);
-    const KernelParams p = make_kernel_params(a);
+    KernelParams p = make_kernel_params(a);
+    p.sm90 = use_sm90(a.device.index);
     (a.dtype == DType::f16 ? v.bwd_f16 : v.bwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "core/mask.h"
 #include "core/params.h"
@@ -46,6 +47,7 @@ struct KernelParams {
     float rp_dropout;
     uint64_t seed;
     uint32_t offset;
+    bool sm90;  // run the wgmma kernels (a Hopper device and an sm_90a build; backend.cu)
 };
 
 // Where sequence b lives and how long it is. Varlen lengths are clamped to the declared
@@ -128,6 +130,15 @@ __device__ __forceinline__ bool tile_fully_visible(const KernelParams& p, const 
     if (n0 + bn > s.sk) return false;
     return visible_keys(last_q, s.diag, p.window_left, p.window_right, s.sk).lo <= n0 &&
            visible_keys(m0, s.diag, p.window_left, p.window_right, s.sk).hi >= n0 + bn;
+}
+
+// The key tiles [first, end) of kBN keys that some row of query block [m0, m0 + kBM) sees.
+__device__ __forceinline__ std::pair<int, int> key_tiles(const KernelParams& p, const Seq& s,
+                                                         int64_t m0, int kBM, int kBN) {
+    const Span keys = keys_of_rows(m0, min(int64_t(kBM), s.sq - m0), s.diag, p.window_left,
+                                   p.window_right, s.sk);
+    const int first = int(keys.lo / kBN);
+    return {first, keys.hi > keys.lo ? int((keys.hi + kBN - 1) / kBN) : first};
 }
 
 KernelParams make_kernel_params(const AttentionParams& params);

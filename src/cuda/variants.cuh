@@ -10,7 +10,9 @@
 #pragma once
 
 #include "cuda/attention_bwd.cuh"
+#include "cuda/attention_bwd_sm90.cuh"
 #include "cuda/attention_fwd.cuh"
+#include "cuda/attention_fwd_sm90.cuh"
 #include "cuda/launch.h"
 
 namespace orchard::cuda {
@@ -20,13 +22,19 @@ using FwdConfigFor = std::conditional_t<(kD <= 128), FwdConfig<kD, 128, 64, 4>, 
 template <int kD>
 using BwdConfigFor = std::conditional_t<(kD <= 128), BwdConfig<kD, 64, 64>, BwdConfig<kD, 64, 32>>;
 
+// On Hopper (p.sm90) the wgmma kernels take the head dims whose tiles they have: multiples of 64
+// (forward), 64 and 128 (backward).
 template <class T, int kD>
 void run_fwd(const KernelParams& p, cudaStream_t stream) {
+    if constexpr (kD % 64 == 0)
+        if (p.sm90) return sm90::launch_fwd<T, sm90::FwdConfig<kD>>(p, stream);
     launch_fwd<T, FwdConfigFor<kD>>(p, stream);
 }
 
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream) {
+    if constexpr (kD == 64 || kD == 128)
+        if (p.sm90) return sm90::launch_bwd<T, sm90::BwdConfig<kD>>(p, stream);
     launch_bwd<T, BwdConfigFor<kD>>(p, stream);
 }
 

@@ -161,6 +161,24 @@ std::vector<Param> cuda_params() {
 INSTANTIATE_TEST_SUITE_P(Cuda, CudaVsReference, ::testing::ValuesIn(cuda_params()),
                          [](const auto& info) { return case_name(info.param.c, info.param.dt); });
 
+// The cases at the default head dim (32) again at 64 and 128: the head dims of the Hopper (wgmma)
+// kernels, so that every feature of the list runs through them too.
+std::vector<Param> wide_params() {
+    std::vector<Param> ps;
+    for (const Case& base : case_list())
+        for (int64_t d : {64, 128}) {
+            if (base.D != Case{}.D || base.Dv != 0) continue;
+            Case c = base;
+            c.D = d;
+            c.name += "_d" + std::to_string(d);
+            for (DType dt : {DType::f16, DType::bf16}) ps.push_back({c, dt});
+        }
+    return ps;
+}
+
+INSTANTIATE_TEST_SUITE_P(CudaWide, CudaVsReference, ::testing::ValuesIn(wide_params()),
+                         [](const auto& info) { return case_name(info.param.c, info.param.dt); });
+
 // fp32 is refused with a clear reason (the kernels are fp16 / bf16 tensor-core kernels).
 TEST(CudaBackend, RefusesFp32WithReason) {
     if (!have_device()) GTEST_SKIP() << "no CUDA device on this machine";

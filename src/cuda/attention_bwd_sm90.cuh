@@ -1,0 +1,299 @@
+// The Hopper backward kernels (sm_90a): the algorithm of attention_bwd.cuh (delta preprocess,
+// dK/dV per key block looping over its GQA group's query blocks, dQ per query block; no atomics)
+// with every product on wgmma. Blocks are two warpgroups: 128 keys (dK/dV) or 128 queries (dQ),
+// 64 a warpgroup, 16 a warp as in the mma.sync kernels, so the score transform, dropout and
+// gradient helpers of attention_bwd.cuh run unchanged on the wgmma accumulators.
+//   dK/dV step (64 queries): S^T = K Q^T, dP^T = V dO^T (both operands in shared memory),
+//     dV += (P z)^T dO, dK += dS^T Q (P, dS from registers; dO, Q as MN-major operands).
+//   dQ step (64 keys): S = Q K^T, dP = dO V^T, dQ += dS K (K as an MN-major operand).
+#pragma once
+
+#include <utility>
+
+#include "cuda/attention_bwd.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace orchard::cuda::sm90 {
+
+// kD = 64 or 128: dK and dV accumulators take kD registers a thread (kD = 256 stays on mma.sync).
+template <int kD_>
+struct BwdConfig {
+    static constexpr int kD = kD_, kBlock = 128, kStep = 64, kThreads = 256;
+    static_assert(kD == 64 || kD == 128);
+    using BlockTile = SwizzledTile<kBlock, kD>;  // the block's K, V (dK/dV) or Q, dO (dQ)
+    using StepTile = SwizzledTile<kStep, kD>;    // a step's Q, dO (dK/dV) or K, V (dQ)
+    // Block tiles, two stages of two step tiles, (dK/dV) two stages of lse and delta, alignment.
+    static constexpr size_t kDkvSmem = 2 * BlockTile::kBytes + 4 * StepTile::kBytes + 4 * kStep * 4 + 1024;
+    static constexpr size_t kDqSmem = 2 * BlockTile::kBytes + 4 * StepTile::kBytes + 1024;
+};
+
+template <class T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kernel(const KernelParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int kD = Cfg::kD, kBN = Cfg::kBlock, kBM = Cfg::kStep, kThreads = Cfg::kThreads;
+    constexpr int kQT = kBM / 8, kDT = kD / 8;
+    using KTile = typename Cfg::BlockTile;
+    using QTile = typename Cfg::StepTile;
+    extern __shared__ unsigned char smem_raw[];
+    const uint32_t sK = (smem_addr(smem_raw) + 1023) & ~1023u, sV = sK + KTile::kBytes;
+    const uint32_t sQ = sV + KTile::kBytes;       // [2] stages
+    const uint32_t sdO = sQ + 2 * QTile::kBytes;  // [2] stages
+    // Then, as plain floats: [2][kBM] lse (log2 units) and [2][kBM] delta.
+    float* sLse = reinterpret_cast<float*>(smem_raw + (sdO + 2 * QTile::kBytes - smem_addr(smem_raw)));
+    float* sDelta = sLse + 2 * kBM;
+
+    const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const Seq s = seq_of(p, b);
+    const int64_t n0 = int64_t(n_block) * kBN;
+    if (n0 >= s.sk) return;
+    const int group = p.Hq / p.Hkv;
+    const int warp = threadIdx.x / 32, wg = warp / 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int64_t diag = s.diag;
+
+    const Span qs = queries_seeing(n0, min(n0 + kBN, s.sk), diag, p.window_left, p.window_right, s.sq);
+    const int m_first = int(qs.lo / kBM);
+    const int m_count = qs.hi > qs.lo ? int((qs.hi + kBM - 1) / kBM) - m_first : 0;
+    const int steps = group * m_count;  // (query head, query block) pairs
+
+    load_swizzled_async<KTile, kThreads>(sK, row_ptr<T>(p.k, p.k_st, b, s.first_k, hk), p.k_st.s, n0, s.sk, p.D);
+    load_swizzled_async<KTile, kThreads>(sV, row_ptr<T>(p.v, p.v_st, b, s.first_k, hk), p.v_st.s, n0, s.sk, p.D);
+    auto load_step = [&](int step, int stage) {
+        const int h = hk * group + step / m_count;
+        const int64_t m0 = int64_t(m_first + step % m_count) * kBM;
+        load_swizzled_async<QTile, kThreads>(sQ + stage * QTile::kBytes, row_ptr<T>(p.q, p.q_st, b, s.first_q, h),
+                                             p.q_st.s, m0, s.sq, p.D);
+        load_swizzled_async<QTile, kThreads>(sdO + stage * QTile::kBytes,
+                                             row_ptr<T>(p.dout, p.dout_st, b, s.first_q, h), p.dout_st.s, m0,
+                                             s.sq, p.D);
+        for (int r = threadIdx.x; r < kBM; r += kThreads) {
+            const int64_t i = m0 + r;
+            const bool in = i < s.sq;  // rows past the end: p = 0 through lse = +inf
+            sLse[stage * kBM + r] =
+                in ? p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e : INFINITY;
+            sDelta[stage * kBM + r] = in ? p.delta[(int64_t(b) * p.Hq + h) * p.Sq + i] : 0.f;
+        }
+    };
+    if (steps > 0) load_step(0, 0);
+    cp_async_commit();
+
+    float acc_dk[kDT][4] = {}, acc_dv[kDT][4] = {};
+    float(&dk)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dk);
+    float(&dv)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dv);
+    const int kr = warp * 16;  // this warp's first key inside the block
+    for (int step = 0; step < steps; ++step) {
+        const int stage = step & 1;
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();  // this step's tiles are in; the other stage's readers are done
+        if (step + 1 < steps) load_step(step + 1, stage ^ 1);
+        cp_async_commit();
+        const int h = hk * group + step / m_count;
+        const int64_t m0 = int64_t(m_first + step % m_count) * kBM;
+        const uint32_t tQ = sQ + stage * QTile::kBytes, tdO = sdO + stage * QTile::kBytes;
+        const float* tLse = sLse + stage * kBM;
+        const float* tDelta = sDelta + stage * kBM;
+        const ScoreMod mod = score_mod(p, b, h);
+
+        // S^T = K Q^T and dP^T = V dO^T: this warpgroup's 64 keys x kBM queries.
+        float st[kQT][4], dpt[kQT][4];
+        float(&st_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(st);
+        float(&dpt_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(dpt);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+            wgmma_ss<T, kBM, false>(st_f, k_major<KTile>(sK, wg * 64, kk), k_major<QTile>(tQ, 0, kk), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+            wgmma_ss<T, kBM, false>(dpt_f, k_major<KTile>(sV, wg * 64, kk), k_major<QTile>(tdO, 0, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(st_f);
+        fence_regs(dpt_f);
+
+        // Element (qt, c): key j = n0 + kr + g + 8 * (c / 2), query i = m0 + qt * 8 + 2t + c % 2.
+        auto ij = [&](int qt, int c) {
+            return std::pair<int64_t, int64_t>{m0 + qt * 8 + 2 * t + c % 2, n0 + kr + g + 8 * (c / 2)};
+        };
+        auto dist = [&](int qt, int c) {
+            const auto [i, j] = ij(qt, c);
+            return i + diag - j;
+        };
+        transform_and_mask(p, s, mod, tile_fully_visible(p, s, m0, kBM, n0, kBN), st, ij);
+        const uint32_t keep = p.dropout ? keep_bits<kQT>(p, int64_t(b) * p.Hq + h, ij) : ~0u;
+        auto lse2_delta = [&](int qt, int c) {
+            const int r = qt * 8 + 2 * t + c % 2;
+            return std::pair<float, float>{tLse[r], tDelta[r]};
+        };
+        if (mod.softcap > 0.f)
+            probs_and_grads<kQT, true>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
+        else
+            probs_and_grads<kQT, false>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
+
+        // dV += (P z)^T dO, dK += dS^T Q.
+        uint32_t ap[kBM / 16][4], ads[kBM / 16][4];
+#pragma unroll
+        for (int ks = 0; ks < kBM / 16; ++ks) {
+            c_to_a<T>(ap[ks], st[2 * ks], st[2 * ks + 1]);
+            c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
+        }
+        fence_regs(dv);
+        fence_regs(dk);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs<T, kD, true>(dv, ap[ks], mn_major<QTile>(tdO, ks), true);
+#pragma unroll
+        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs<T, kD, true>(dk, ads[ks], mn_major<QTile>(tQ, ks), true);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dv);
+        fence_regs(dk);
+    }
+    cp_async_wait<0>();  // keys no query sees skip the loop: their K/V copies end here
+
+    const float one[2] = {1.f, 1.f};
+    if (p.dk) {
+        T* out = static_cast<T*>(p.dk) + b * p.dk_st.b + s.first_k * p.dk_st.s + int64_t(hk) * p.dk_st.h;
+        store_rows<kD, T>(out, p.dk_st.s, n0 + kr, s.sk, p.D, acc_dk, one);
+    }
+    if (p.dv) {
+        T* out = static_cast<T*>(p.dv) + b * p.dv_st.b + s.first_k * p.dv_st.s + int64_t(hk) * p.dv_st.h;
+        store_rows<kD, T>(out, p.dv_st.s, n0 + kr, s.sk, p.D, acc_dv, one);
+    }
+#else
+    __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
+#endif
+}
+
+template <class T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_sm90_kernel(const KernelParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int kD = Cfg::kD, kBQ = Cfg::kBlock, kBK = Cfg::kStep, kThreads = Cfg::kThreads;
+    constexpr int kKT = kBK / 8, kDT = kD / 8;
+    using QTile = typename Cfg::BlockTile;
+    using KTile = typename Cfg::StepTile;
+    extern __shared__ unsigned char smem_raw[];
+    const uint32_t sQ = (smem_addr(smem_raw) + 1023) & ~1023u;
+    const uint32_t sdO = sQ + QTile::kBytes;
+    const uint32_t sK = sdO + QTile::kBytes;     // [2] stages
+    const uint32_t sV = sK + 2 * KTile::kBytes;  // [2] stages
+
+    const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const Seq s = seq_of(p, b);
+    const int64_t m0 = int64_t(m_block) * kBQ;
+    if (m0 >= s.sq) return;
+    const int hk = h / (p.Hq / p.Hkv);
+    const int warp = threadIdx.x / 32, wg = warp / 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int64_t diag = s.diag;
+    const ScoreMod mod = score_mod(p, b, h);
+    const int64_t bh = int64_t(b) * p.Hq + h;
+
+    const auto [n_first, n_end] = key_tiles(p, s, m0, kBQ, kBK);
+    const T* k = row_ptr<T>(p.k, p.k_st, b, s.first_k, hk);
+    const T* v = row_ptr<T>(p.v, p.v_st, b, s.first_k, hk);
+    auto load_kv = [&](int n, int stage) {
+        const int64_t n0 = int64_t(n) * kBK;
+        load_swizzled_async<KTile, kThreads>(sK + stage * KTile::kBytes, k, p.k_st.s, n0, s.sk, p.D);
+        load_swizzled_async<KTile, kThreads>(sV + stage * KTile::kBytes, v, p.v_st.s, n0, s.sk, p.D);
+    };
+    load_swizzled_async<QTile, kThreads>(sQ, row_ptr<T>(p.q, p.q_st, b, s.first_q, h), p.q_st.s, m0, s.sq, p.D);
+    load_swizzled_async<QTile, kThreads>(sdO, row_ptr<T>(p.dout, p.dout_st, b, s.first_q, h), p.dout_st.s, m0,
+                                         s.sq, p.D);
+    if (n_first < n_end) load_kv(n_first, 0);
+    cp_async_commit();
+
+    const int qr = warp * 16;  // this warp's first query inside the block
+    float lse2[2], delta[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int64_t i = m0 + qr + g + rr * 8;
+        const bool in = i < s.sq;
+        lse2[rr] = in ? p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e : INFINITY;
+        delta[rr] = in ? p.delta[bh * p.Sq + i] : 0.f;
+    }
+
+    float acc_dq[kDT][4] = {};
+    float(&dq)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dq);
+    for (int n = n_first; n < n_end; ++n) {
+        const int stage = (n - n_first) & 1;
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+        if (n + 1 < n_end) load_kv(n + 1, stage ^ 1);
+        cp_async_commit();
+        const uint32_t tK = sK + stage * KTile::kBytes, tV = sV + stage * KTile::kBytes;
+        const int64_t n0 = int64_t(n) * kBK;
+
+        // S = Q K^T and dP = dO V^T: this warpgroup's 64 queries x kBK keys.
+        float acc_s[kKT][4], acc_dp[kKT][4];
+        float(&s_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_s);
+        float(&dp_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_dp);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+            wgmma_ss<T, kBK, false>(s_f, k_major<QTile>(sQ, wg * 64, kk), k_major<KTile>(tK, 0, kk), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+            wgmma_ss<T, kBK, false>(dp_f, k_major<QTile>(sdO, wg * 64, kk), k_major<KTile>(tV, 0, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s_f);
+        fence_regs(dp_f);
+
+        // Element (nt, c): query i = m0 + qr + g + 8 * (c / 2), key j = n0 + nt * 8 + 2t + c % 2.
+        auto ij = [&](int nt, int c) {
+            return std::pair<int64_t, int64_t>{m0 + qr + g + 8 * (c / 2), n0 + nt * 8 + 2 * t + c % 2};
+        };
+        auto dist = [&](int nt, int c) {
+            const auto [i, j] = ij(nt, c);
+            return i + diag - j;
+        };
+        transform_and_mask(p, s, mod, tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, ij);
+        const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, ij) : ~0u;
+        auto lse2_delta = [&](int, int c) { return std::pair<float, float>{lse2[c / 2], delta[c / 2]}; };
+        if (mod.softcap > 0.f)
+            probs_and_grads<kKT, true>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
+        else
+            probs_and_grads<kKT, false>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
+
+        // dQ += dS K.
+        uint32_t a[kBK / 16][4];
+#pragma unroll
+        for (int ks = 0; ks < kBK / 16; ++ks) c_to_a<T>(a[ks], acc_dp[2 * ks], acc_dp[2 * ks + 1]);
+        fence_regs(dq);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kBK / 16; ++ks) wgmma_rs<T, kD, true>(dq, a[ks], mn_major<KTile>(tK, ks), true);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dq);
+    }
+    cp_async_wait<0>();
+
+    const float one[2] = {1.f, 1.f};
+    T* out = static_cast<T*>(p.dq) + b * p.dq_st.b + s.first_q * p.dq_st.s + int64_t(h) * p.dq_st.h;
+    store_rows<kD, T>(out, p.dq_st.s, m0 + qr, s.sq, p.D, acc_dq, one);
+#else
+    __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
+#endif
+}
+
+template <class T, class Cfg>
+void launch_bwd(const KernelParams& p, cudaStream_t stream) {
+    launch_bwd_delta<T>(p, stream);
+    const dim3 dkdv_grid(unsigned((p.Sk + Cfg::kBlock - 1) / Cfg::kBlock), unsigned(p.Hkv), unsigned(p.B));
+    if ((p.dk || p.dv) && !empty_grid(dkdv_grid)) {
+        auto kernel = attention_bwd_dkdv_sm90_kernel<T, Cfg>;
+        set_smem(kernel, Cfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV, sm90)");
+        kernel<<<dkdv_grid, Cfg::kThreads, Cfg::kDkvSmem, stream>>>(p);
+        check_cuda(cudaGetLastError(), "backward dK/dV kernel launch (sm90)");
+    }
+    const dim3 dq_grid(unsigned((p.Sq + Cfg::kBlock - 1) / Cfg::kBlock), unsigned(p.Hq), unsigned(p.B));
+    if (p.dq && !empty_grid(dq_grid)) {
+        auto kernel = attention_bwd_dq_sm90_kernel<T, Cfg>;
+        set_smem(kernel, Cfg::kDqSmem, "cudaFuncSetAttribute (dQ, sm90)");
+        kernel<<<dq_grid, Cfg::kThreads, Cfg::kDqSmem, stream>>>(p);
+        check_cuda(cudaGetLastError(), "backward dQ kernel launch (sm90)");
+    }
+}
+
+}  // namespace orchard::cuda::sm90

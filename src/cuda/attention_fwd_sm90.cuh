@@ -1,0 +1,117 @@
+// The Hopper forward kernel (sm_90a): the algorithm of attention_fwd.cuh with both products on
+// wgmma. A block of 128 query rows is two warpgroups of 64; S = Q K^T reads Q and K from
+// shared memory, O += P V takes P from registers (the converted score accumulator) and V from
+// shared memory. K/V tiles are double-buffered through cp.async; the softmax is
+// fwd_softmax_tile(), shared with the mma.sync kernel (a warp owns 16 rows in both).
+#pragma once
+
+#include "cuda/attention_fwd.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace orchard::cuda::sm90 {
+
+// kD a multiple of 64. 128 keys per tile up to kD = 128 (score and output accumulators: 64 + 64
+// registers a thread); 64 past it, where the output alone takes kD / 2.
+template <int kD_>
+struct FwdConfig {
+    static constexpr int kD = kD_, kBM = 128, kBN = kD <= 128 ? 128 : 64, kThreads = 256;
+    using QTile = SwizzledTile<kBM, kD>;
+    using KVTile = SwizzledTile<kBN, kD>;
+    // sQ, then two stages of sK and of sV; 1024 more to align the start to the swizzle atom.
+    static constexpr size_t kSmemBytes = QTile::kBytes + 4 * KVTile::kBytes + 1024;
+};
+
+template <class T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_kernel(const KernelParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int kD = Cfg::kD, kBM = Cfg::kBM, kBN = Cfg::kBN, kThreads = Cfg::kThreads;
+    constexpr int kNT = kBN / 8, kDT = kD / 8;
+    using QTile = typename Cfg::QTile;
+    using KVTile = typename Cfg::KVTile;
+    extern __shared__ unsigned char smem_raw[];
+    const uint32_t sQ = (smem_addr(smem_raw) + 1023) & ~1023u;
+    const uint32_t sK = sQ + QTile::kBytes;        // [2] stages
+    const uint32_t sV = sK + 2 * KVTile::kBytes;  // [2] stages
+
+    const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const Seq s = seq_of(p, b);
+    const int64_t m0 = int64_t(m_block) * kBM;
+    if (m0 >= s.sq) return;
+    const int hk = h / (p.Hq / p.Hkv);
+    const int warp = threadIdx.x / 32, wg = warp / 4;
+    const ScoreMod mod = score_mod(p, b, h);
+
+    const T* q = row_ptr<T>(p.q, p.q_st, b, s.first_q, h);
+    const T* k = row_ptr<T>(p.k, p.k_st, b, s.first_k, hk);
+    const T* v = row_ptr<T>(p.v, p.v_st, b, s.first_k, hk);
+    const auto [n_first, n_end] = key_tiles(p, s, m0, kBM, kBN);
+    auto load_kv = [&](int n, int stage) {
+        const int64_t n0 = int64_t(n) * kBN;
+        load_swizzled_async<KVTile, kThreads>(sK + stage * KVTile::kBytes, k, p.k_st.s, n0, s.sk, p.D);
+        load_swizzled_async<KVTile, kThreads>(sV + stage * KVTile::kBytes, v, p.v_st.s, n0, s.sk, p.D);
+    };
+    load_swizzled_async<QTile, kThreads>(sQ, q, p.q_st.s, m0, s.sq, p.D);
+    if (n_first < n_end) load_kv(n_first, 0);
+    cp_async_commit();
+
+    float acc_o[1][kDT][4] = {};
+    float(&o)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_o);
+    RowStats<1> stats;
+    const int warp_row0 = warp * 16;  // first row of this warp inside the block
+    for (int n = n_first; n < n_end; ++n) {
+        const int stage = (n - n_first) & 1;
+        // This tile has landed for every thread; the other stage was last read by the previous
+        // iteration's wgmmas, which all completed before this barrier: refill it.
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+        if (n + 1 < n_end) load_kv(n + 1, stage ^ 1);
+        cp_async_commit();
+        const uint32_t tK = sK + stage * KVTile::kBytes, tV = sV + stage * KVTile::kBytes;
+        const int64_t n0 = int64_t(n) * kBN;
+
+        // S = Q K^T: this warpgroup's 64 rows x kBN keys.
+        float acc_s[1][kNT][4];
+        float(&sc)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(acc_s);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+            wgmma_ss<T, kBN, false>(sc, k_major<QTile>(sQ, wg * 64, kk), k_major<KVTile>(tK, 0, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(sc);
+
+        fwd_softmax_tile(p, s, mod, b, h, m0 + warp_row0, n0, tile_fully_visible(p, s, m0, kBM, n0, kBN),
+                         acc_s, acc_o, stats);
+
+        // O += P V.
+        uint32_t a[kBN / 16][4];
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) c_to_a<T>(a[ks], acc_s[0][2 * ks], acc_s[0][2 * ks + 1]);
+        fence_regs(o);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs<T, kD, true>(o, a[ks], mn_major<KVTile>(tV, ks), true);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o);
+    }
+    cp_async_wait<0>();  // no copy may outlive the block (rows that see no key skip the loop)
+
+    fwd_epilogue<T, 1, kD>(p, s, b, h, m0 + warp_row0, acc_o, stats);
+#else
+    __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
+#endif
+}
+
+template <class T, class Cfg>
+void launch_fwd(const KernelParams& p, cudaStream_t stream) {
+    auto kernel = attention_fwd_sm90_kernel<T, Cfg>;
+    set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute (forward, sm90)");
+    const dim3 grid(unsigned((p.Sq + Cfg::kBM - 1) / Cfg::kBM), unsigned(p.Hq), unsigned(p.B));
+    if (grid.x * grid.y * grid.z == 0) return;
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+    check_cuda(cudaGetLastError(), "forward kernel launch (sm90)");
+}
+
+}  // namespace orchard::cuda::sm90

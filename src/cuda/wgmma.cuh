@@ -1,0 +1,172 @@
+// Hopper's warpgroup MMA (sm_90a): wgmma.mma_async m64nNk16 with fp32 accumulators, the
+// shared-memory tile layout and matrix descriptors it reads, and the fences around it.
+//
+// A warpgroup is 4 consecutive warps (128 threads); one wgmma multiplies a 64 x 16 A by a 16 x N
+// B into a 64 x N fp32 D. Warp w of the group owns D's rows 16w..16w+15, with exactly the
+// mma.m16n8k16 C layout per 8 columns (mma.cuh): D register 4c + e of a thread is C tile c's
+// element e. A taken from registers has the mma.m16n8k16 A layout, so c_to_a() turns a score
+// accumulator into the next product's A operand here too.
+//
+// Shared-memory tiles (`SwizzledTile`): kRows x kD elements of 16 bits, kD a multiple of 64,
+// stored as kD / 64 column stacks of kRows x 64 elements (128 bytes a row); inside a stack row r's
+// 16-byte piece c sits at r * 128 + (c ^ r % 8) * 16. This is the 128-byte swizzle of wgmma's
+// canonical layouts: cp.async writes and wgmma reads of it are free of bank conflicts, and the same
+// tile serves as a K-major operand (rows = M or N, columns = K: Q, K, V, dO in S = Q K^T) and as
+// an MN-major one (rows = K, columns = N: V in O = P V, dO and Q in the dV / dK products).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/mma.cuh"
+
+namespace orchard::cuda::sm90 {
+
+template <int kRows_, int kD_>
+struct SwizzledTile {
+    static constexpr int kRows = kRows_, kD = kD_;
+    static_assert(kD % 64 == 0 && kRows % 64 == 0);
+    static constexpr int kStackBytes = kRows * 128;
+    static constexpr int kBytes = kStackBytes * (kD / 64);
+
+    // Byte offset of element (r, col), col a multiple of 8.
+    static __device__ __forceinline__ uint32_t offset(int r, int col) {
+        return uint32_t((col / 64) * kStackBytes + r * 128 + ((((col % 64) / 8) ^ (r % 8)) * 16));
+    }
+};
+
+// Starts copying rows [row0, row0 + kRows) of a (token, dim) slice into a swizzled tile at shared
+// address `tile` (1024-byte aligned); rows at or past `rows` and columns at or past `d` are
+// zero-filled. Same contract as load_tile_async (tile_io.cuh).
+template <class Tile, int kThreads, class T>
+__device__ __forceinline__ void load_swizzled_async(uint32_t tile, const T* base, int64_t stride,
+                                                    int64_t row0, int64_t rows, int d,
+                                                    int tid = threadIdx.x) {
+    constexpr int kChunks = Tile::kD / 8;  // 16-byte chunks per row
+#pragma unroll
+    for (int c = tid; c < Tile::kRows * kChunks; c += kThreads) {
+        const int r = c / kChunks, col = (c % kChunks) * 8;
+        const bool valid = row0 + r < rows && col < d;
+        const T* src = valid ? base + (row0 + r) * stride + col : base;
+        const int src_bytes = valid ? 16 : 0;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + Tile::offset(r, col)),
+                     "l"(src), "r"(src_bytes));
+    }
+}
+
+// A matrix descriptor: start address, leading / stride byte offsets, 128-byte swizzle.
+__device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes) {
+    return uint64_t((addr & 0x3FFFF) >> 4) | uint64_t(lead_bytes >> 4) << 16 |
+           uint64_t(stride_bytes >> 4) << 32 | uint64_t(1) << 62;
+}
+
+// The tile as a K-major operand: rows [row0, row0 + 64 or N) (row0 a multiple of 8), k-step kk
+// (columns 16kk..16kk+15). 8-row groups are 1024 bytes apart; the leading offset is unused.
+template <class Tile>
+__device__ __forceinline__ uint64_t k_major(uint32_t tile, int row0, int kk) {
+    return descriptor(tile + (kk / 4) * Tile::kStackBytes + row0 * 128 + (kk % 4) * 32, 16, 1024);
+}
+
+// The tile as an MN-major B operand (rows = K, columns = N): k-step kk (rows 16kk..16kk+15).
+// Groups of 8 rows are 1024 bytes apart, groups of 64 columns one stack apart.
+template <class Tile>
+__device__ __forceinline__ uint64_t mn_major(uint32_t tile, int kk) {
+    return descriptor(tile + kk * 16 * 128, Tile::kStackBytes, 1024);
+}
+
+// Orders this thread's generic-proxy shared-memory writes (cp.async, st.shared) before later
+// wgmma reads of them; the block barrier after it publishes them to the other threads.
+__device__ __forceinline__ void fence_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Before the first wgmma of a batch: earlier register writes of A / accumulators are visible.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Pins accumulator registers around an asynchronous wgmma: the compiler may not read, move or
+// rewrite them across this point.
+template <int kN>
+__device__ __forceinline__ void fence_regs(float (&d)[kN]) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// The asm texts. wgmma names accumulators first, so operand numbers are spelled out per N.
+#define ORCHARD_WG_R32                                                                            \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+    "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define ORCHARD_WG_R64                                                                             \
+    ORCHARD_WG_R32                                                                                 \
+    ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
+    "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define ORCHARD_WG_R128                                                                            \
+    ORCHARD_WG_R64                                                                                 \
+    ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
+    "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, "   \
+    "%100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, "   \
+    "%115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define ORCHARD_WG_D8(i)                                                                   \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+        "+f"(d[i + 6]), "+f"(d[i + 7])
+#define ORCHARD_WG_D32(i) ORCHARD_WG_D8(i), ORCHARD_WG_D8(i + 8), ORCHARD_WG_D8(i + 16), ORCHARD_WG_D8(i + 24)
+#define ORCHARD_WG_D64 ORCHARD_WG_D32(0), ORCHARD_WG_D32(32)
+#define ORCHARD_WG_D128 ORCHARD_WG_D64, ORCHARD_WG_D32(64), ORCHARD_WG_D32(96)
+
+// D (+)= A B with A and B in shared memory (A K-major; B K-major, or MN-major when kTransB).
+// `accumulate == false` overwrites D.
+#define ORCHARD_WGMMA_SS(N, TY, REGS, DOPS, IA, IB, IS, IT)                                     \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                               \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" REGS "}, %" #IA \
+                 ", %" #IB ", p, 1, 1, 0, %" #IT ";\n}\n"                                         \
+                 : DOPS                                                                           \
+                 : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(int(kTransB)))
+// D (+)= A B with A in registers (4 x b32, the mma.m16n8k16 A layout) and B in shared memory.
+#define ORCHARD_WGMMA_RS(N, TY, REGS, DOPS, A0, A1, A2, A3, IB, IS, IT)                             \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" REGS "}, {%" #A0   \
+                 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #IB ", p, 1, 1, %" #IT ";\n}\n"                \
+                 : DOPS                                                                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)),   \
+                   "n"(int(kTransB)))
+
+template <class T, int kN, bool kTransB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b,
+                                         bool accumulate) {
+    constexpr bool kHalf = std::is_same_v<T, __half>;
+    if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_SS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35);
+    else if constexpr (kN == 64) ORCHARD_WGMMA_SS(64, "bf16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35);
+    else if constexpr (kN == 128 && kHalf) ORCHARD_WGMMA_SS(128, "f16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67);
+    else if constexpr (kN == 128) ORCHARD_WGMMA_SS(128, "bf16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67);
+    else static_assert(kN == 64 || kN == 128, "wgmma_ss: N = 64 or 128");
+}
+
+template <class T, int kN, bool kTransB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b,
+                                         bool accumulate) {
+    constexpr bool kHalf = std::is_same_v<T, __half>;
+    if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_RS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36, 37, 38);
+    else if constexpr (kN == 64) ORCHARD_WGMMA_RS(64, "bf16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36, 37, 38);
+    else if constexpr (kN == 128 && kHalf) ORCHARD_WGMMA_RS(128, "f16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68, 69, 70);
+    else if constexpr (kN == 128) ORCHARD_WGMMA_RS(128, "bf16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68, 69, 70);
+    else if constexpr (kN == 256 && kHalf) ORCHARD_WGMMA_RS(256, "f16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132, 133, 134);
+    else if constexpr (kN == 256) ORCHARD_WGMMA_RS(256, "bf16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132, 133, 134);
+    else static_assert(kN == 64 || kN == 128 || kN == 256, "wgmma_rs: N = 64, 128 or 256");
+}
+
+#undef ORCHARD_WGMMA_RS
+#undef ORCHARD_WGMMA_SS
+#undef ORCHARD_WG_D128
+#undef ORCHARD_WG_D64
+#undef ORCHARD_WG_D32
+#undef ORCHARD_WG_D8
+#undef ORCHARD_WG_R128
+#undef ORCHARD_WG_R64
+#undef ORCHARD_WG_R32
+
+}  // namespace orchard::cuda::sm90
