@@ -38,15 +38,17 @@ struct RowStats {
 };
 
 // One key tile of the forward on a warp's score fragments, shared by the mma.sync and the wgmma
-// kernels: score transform, mask, online softmax (rescaling acc_o), dropout. Afterwards acc_s
-// holds P (dropped entries zero) ready for P V.
+// kernels: score transform, mask, online softmax, dropout. Afterwards acc_s holds P (dropped
+// entries zero) ready for P V, and `rescale` the factor by which the output accumulated so far
+// must be multiplied (rescale_rows) before P V is added: the caller picks the moment, since
+// the wgmma kernel still has the previous P V in flight here.
 // Element (mf, nt, c) of acc_s: query row0 + mf * 16 + g + 8 * (c / 2), key n0 + nt * 8 + 2t + c % 2;
 // `full`: every (query, key) of the block's tile is visible (tile_fully_visible).
-template <int kMF, int kNT, int kDT>
+template <int kMF, int kNT>
 __device__ __forceinline__ void fwd_softmax_tile(const KernelParams& p, const Seq& s,
                                                  const ScoreMod& mod, int b, int h, int64_t row0,
                                                  int64_t n0, bool full, float (&acc_s)[kMF][kNT][4],
-                                                 float (&acc_o)[kMF][kDT][4], RowStats<kMF>& st) {
+                                                 RowStats<kMF>& st, float (&rescale)[kMF][2]) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int64_t diag = s.diag;
     // Each pass below branches once per tile, so the common path (no softcap, ALiBi, mask or
@@ -96,7 +98,7 @@ __device__ __forceinline__ void fwd_softmax_tile(const KernelParams& p, const Se
             mx = fmaxf(st.max[mf][rr], quad_max(mx) * factor);
             // A row with nothing visible yet keeps max -inf: subtract 0 instead (exp2 -> 0).
             const float base = mx == -INFINITY ? 0.f : mx;
-            const float rescale = fast_exp2(st.max[mf][rr] - base);
+            rescale[mf][rr] = fast_exp2(st.max[mf][rr] - base);
             st.max[mf][rr] = mx;
             float sum = 0.f;
 #pragma unroll
@@ -105,12 +107,7 @@ __device__ __forceinline__ void fwd_softmax_tile(const KernelParams& p, const Se
                 acc_s[mf][nt][2 * rr + 1] = fast_exp2(fmaf(acc_s[mf][nt][2 * rr + 1], factor, -base));
                 sum += acc_s[mf][nt][2 * rr] + acc_s[mf][nt][2 * rr + 1];
             }
-            st.sum[mf][rr] = st.sum[mf][rr] * rescale + sum;
-#pragma unroll
-            for (int dt = 0; dt < kDT; ++dt) {
-                acc_o[mf][dt][2 * rr] *= rescale;
-                acc_o[mf][dt][2 * rr + 1] *= rescale;
-            }
+            st.sum[mf][rr] = st.sum[mf][rr] * rescale[mf][rr] + sum;
         }
     }
     // Dropout on P: the row sums above keep the dropped values, P V does not. Keep bits first
@@ -144,6 +141,17 @@ __device__ __forceinline__ void fwd_softmax_tile(const KernelParams& p, const Se
             }
         }
     }
+}
+
+// acc_o rows times fwd_softmax_tile's factors.
+template <int kMF, int kDT>
+__device__ __forceinline__ void rescale_rows(float (&acc_o)[kMF][kDT][4], const float (&rescale)[kMF][2]) {
+#pragma unroll
+    for (int mf = 0; mf < kMF; ++mf)
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc_o[mf][dt][c] *= rescale[mf][c / 2];
 }
 
 // The forward's end for a warp's kMF row blocks: out = acc / sum (times 1 / (1 - p) under
@@ -246,8 +254,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const Kern
             }
         }
 
+        float rescale[kMF][2];
         fwd_softmax_tile(p, s, mod, b, h, m0 + warp_row0, n0, tile_fully_visible(p, s, m0, kBM, n0, kBN),
-                         acc_s, acc_o, stats);
+                         acc_s, stats, rescale);
+        rescale_rows(acc_o, rescale);
 
         // O += P V: P from registers (T), V^T fragments by transposing loads.
 #pragma unroll

@@ -1,8 +1,9 @@
 // The Hopper forward kernel (sm_90a): the algorithm of attention_fwd.cuh with both products on
 // wgmma. A block of 128 query rows is two warpgroups of 64; S = Q K^T reads Q and K from
 // shared memory, O += P V takes P from registers (the converted score accumulator) and V from
-// shared memory. K/V tiles are double-buffered through cp.async; the softmax is
-// fwd_softmax_tile(), shared with the mma.sync kernel (a warp owns 16 rows in both).
+// shared memory, and overlaps the next tile's softmax. K/V tiles are double-buffered through
+// cp.async; the softmax is fwd_softmax_tile(), shared with the mma.sync kernel (a warp owns 16
+// rows in both).
 #pragma once
 
 #include "cuda/attention_fwd.cuh"
@@ -45,53 +46,69 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_kernel(co
     const T* k = row_ptr<T>(p.k, p.k_st, b, s.first_k, hk);
     const T* v = row_ptr<T>(p.v, p.v_st, b, s.first_k, hk);
     const auto [n_first, n_end] = key_tiles(p, s, m0, kBM, kBN);
-    auto load_kv = [&](int n, int stage) {
-        const int64_t n0 = int64_t(n) * kBN;
-        load_swizzled_async<KVTile, kThreads>(sK + stage * KVTile::kBytes, k, p.k_st.s, n0, s.sk, p.D);
-        load_swizzled_async<KVTile, kThreads>(sV + stage * KVTile::kBytes, v, p.v_st.s, n0, s.sk, p.D);
+    auto load = [&](uint32_t dst, const T* src, int64_t stride, int n) {
+        load_swizzled_async<KVTile, kThreads>(dst + (n & 1) * KVTile::kBytes, src, stride,
+                                              int64_t(n) * kBN, s.sk, p.D);
     };
     load_swizzled_async<QTile, kThreads>(sQ, q, p.q_st.s, m0, s.sq, p.D);
-    if (n_first < n_end) load_kv(n_first, 0);
+    if (n_first < n_end) load(sK, k, p.k_st.s, n_first);
     cp_async_commit();
 
     float acc_o[1][kDT][4] = {};
     float(&o)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_o);
     RowStats<1> stats;
     const int warp_row0 = warp * 16;  // first row of this warp inside the block
+    uint32_t pf[kBN / 16][4];         // P of the previous tile, as wgmma A fragments
+    // Tile n's P V runs while tile n + 1's softmax does (FlashAttention 3's intra-warpgroup
+    // overlap): iteration n issues S_n = Q K_n^T and O += P_{n-1} V_{n-1}, waits for S_n only,
+    // computes P_n, then waits for the P V and rescales O. So K runs one tile ahead of V: iteration
+    // n loads K_{n+1} and V_n, into the stages K_{n-1} and V_{n-2} left.
     for (int n = n_first; n < n_end; ++n) {
-        const int stage = (n - n_first) & 1;
-        // This tile has landed for every thread; the other stage was last read by the previous
-        // iteration's wgmmas, which all completed before this barrier: refill it.
-        cp_async_wait<0>();
+        cp_async_wait<0>();  // K_n and V_{n-1}, for every thread
         fence_async_smem();
-        __syncthreads();
-        if (n + 1 < n_end) load_kv(n + 1, stage ^ 1);
+        __syncthreads();  // ... and the stages refilled below are no longer read
+        if (n + 1 < n_end) load(sK, k, p.k_st.s, n + 1);
+        load(sV, v, p.v_st.s, n);
         cp_async_commit();
-        const uint32_t tK = sK + stage * KVTile::kBytes, tV = sV + stage * KVTile::kBytes;
         const int64_t n0 = int64_t(n) * kBN;
 
-        // S = Q K^T: this warpgroup's 64 rows x kBN keys.
         float acc_s[1][kNT][4];
         float(&sc)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(acc_s);
         wgmma_fence();
+        const uint32_t tK = sK + (n & 1) * KVTile::kBytes;
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk)
             wgmma_ss<T, kBN, false>(sc, k_major<QTile>(sQ, wg * 64, kk), k_major<KVTile>(tK, 0, kk), kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+        const bool pv = n > n_first;
+        if (pv) {
+            const uint32_t tV = sV + ((n - 1) & 1) * KVTile::kBytes;
+#pragma unroll
+            for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs<T, kD, true>(o, pf[ks], mn_major<KVTile>(tV, ks), true);
+            wgmma_commit();
+            wgmma_wait<1>();
+        } else {
+            wgmma_wait<0>();
+        }
         fence_regs(sc);
 
+        float rescale[1][2];
         fwd_softmax_tile(p, s, mod, b, h, m0 + warp_row0, n0, tile_fully_visible(p, s, m0, kBM, n0, kBN),
-                         acc_s, acc_o, stats);
-
-        // O += P V.
-        uint32_t a[kBN / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < kBN / 16; ++ks) c_to_a<T>(a[ks], acc_s[0][2 * ks], acc_s[0][2 * ks + 1]);
+                         acc_s, stats, rescale);
+        wgmma_wait<0>();  // P_{n-1} V_{n-1} is in o; pf is free
         fence_regs(o);
-        wgmma_fence();
+        rescale_rows(acc_o, rescale);
 #pragma unroll
-        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs<T, kD, true>(o, a[ks], mn_major<KVTile>(tV, ks), true);
+        for (int ks = 0; ks < kBN / 16; ++ks) c_to_a<T>(pf[ks], acc_s[0][2 * ks], acc_s[0][2 * ks + 1]);
+    }
+    if (n_first < n_end) {  // the last tile's P V
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+        wgmma_fence();
+        const uint32_t tV = sV + ((n_end - 1) & 1) * KVTile::kBytes;
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs<T, kD, true>(o, pf[ks], mn_major<KVTile>(tV, ks), true);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(o);

@@ -45,15 +45,20 @@ template <class Tile, int kThreads, class T>
 __device__ __forceinline__ void load_swizzled_async(uint32_t tile, const T* base, int64_t stride,
                                                     int64_t row0, int64_t rows, int d,
                                                     int tid = threadIdx.x) {
-    constexpr int kChunks = Tile::kD / 8;  // 16-byte chunks per row
+    // Thread tid copies column piece tid % kChunks of rows tid / kChunks + i * kRowStep: one
+    // pointer step per piece, no 64-bit index arithmetic in the loop.
+    constexpr int kChunks = Tile::kD / 8, kRowStep = kThreads / kChunks;
+    static_assert(kThreads % kChunks == 0 && Tile::kRows % kRowStep == 0);
+    const int col = (tid % kChunks) * 8, r0 = tid / kChunks;
+    const int64_t left = rows - row0;  // rows of the slice from row0 on
+    const bool col_ok = col < d;
+    const T* src = base + (row0 + r0) * stride + col;
 #pragma unroll
-    for (int c = tid; c < Tile::kRows * kChunks; c += kThreads) {
-        const int r = c / kChunks, col = (c % kChunks) * 8;
-        const bool valid = row0 + r < rows && col < d;
-        const T* src = valid ? base + (row0 + r) * stride + col : base;
-        const int src_bytes = valid ? 16 : 0;
+    for (int i = 0; i < Tile::kRows / kRowStep; ++i, src += kRowStep * stride) {
+        const int r = r0 + i * kRowStep;
+        const bool valid = col_ok && r < left;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + Tile::offset(r, col)),
-                     "l"(src), "r"(src_bytes));
+                     "l"(valid ? src : base), "r"(valid ? 16 : 0));
     }
 }
 
