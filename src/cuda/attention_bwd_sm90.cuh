@@ -1,7 +1,7 @@
 // The Hopper backward kernels (sm_90a): the algorithm of attention_bwd.cuh (delta preprocess,
 // dK/dV per key block looping over its GQA group's query blocks, dQ per query block; no atomics)
-// with every product on wgmma. Blocks are two warpgroups: 128 keys (dK/dV) or 128 queries (dQ),
-// 64 a warpgroup, 16 a warp as in the mma.sync kernels, so the score transform, dropout and
+// with every product on wgmma. Blocks are one or two warpgroups of 64 keys (dK/dV) or queries
+// (dQ), 16 a warp as in the mma.sync kernels, so the score transform, dropout and
 // gradient helpers of attention_bwd.cuh run unchanged on the wgmma accumulators.
 //   dK/dV step (64 queries): S^T = K Q^T, dP^T = V dO^T (both operands in shared memory),
 //     dV += (P z)^T dO, dK += dS^T Q (P, dS from registers; dO, Q as MN-major operands).
@@ -16,9 +16,12 @@
 namespace orchard::cuda::sm90 {
 
 // kD = 64 or 128: dK and dV accumulators take kD registers a thread (kD = 256 stays on mma.sync).
-template <int kD_>
+// kWG warpgroups of 64 keys (dK/dV) or queries (dQ) per block: one at kD = 64, so that two
+// blocks share an SM (see FwdConfig), two at kD = 128.
+template <int kD_, int kWG_ = (kD_ == 64 ? 1 : 2)>
 struct BwdConfig {
-    static constexpr int kD = kD_, kBlock = 128, kStep = 64, kThreads = 256;
+    static constexpr int kD = kD_, kWG = kWG_, kMinBlocks = kWG == 1 ? 2 : 1;
+    static constexpr int kBlock = 64 * kWG, kStep = 64, kThreads = 128 * kWG;
     static_assert(kD == 64 || kD == 128);
     using BlockTile = SwizzledTile<kBlock, kD>;  // the block's K, V (dK/dV) or Q, dO (dQ)
     using StepTile = SwizzledTile<kStep, kD>;    // a step's Q, dO (dK/dV) or K, V (dQ)
@@ -28,7 +31,7 @@ struct BwdConfig {
 };
 
 template <class T, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_dkdv_sm90_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBN = Cfg::kBlock, kBM = Cfg::kStep, kThreads = Cfg::kThreads;
     constexpr int kQT = kBM / 8, kDT = kD / 8;
@@ -165,7 +168,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
 }
 
 template <class T, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_sm90_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_dq_sm90_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBQ = Cfg::kBlock, kBK = Cfg::kStep, kThreads = Cfg::kThreads;
     constexpr int kKT = kBK / 8, kDT = kD / 8;

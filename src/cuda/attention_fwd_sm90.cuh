@@ -1,5 +1,5 @@
 // The Hopper forward kernel (sm_90a): the algorithm of attention_fwd.cuh with both products on
-// wgmma. A block of 128 query rows is two warpgroups of 64; S = Q K^T reads Q and K from
+// wgmma. A block of query rows is one or two warpgroups of 64; S = Q K^T reads Q and K from
 // shared memory, O += P V takes P from registers (the converted score accumulator) and V from
 // shared memory, and overlaps the next tile's softmax. K/V tiles are double-buffered through
 // cp.async; the softmax is fwd_softmax_tile(), shared with the mma.sync kernel (a warp owns 16
@@ -13,9 +13,13 @@ namespace orchard::cuda::sm90 {
 
 // kD a multiple of 64. 128 keys per tile up to kD = 128 (score and output accumulators: 64 + 64
 // registers a thread); 64 past it, where the output alone takes kD / 2.
+// kWG warpgroups of 64 query rows per block. At kD = 64 one warpgroup (and 80 KB of shared
+// memory) lets two blocks share an SM, so that one block's loads and softmax overlap the
+// other's products; larger head dims need the shared memory of one block of two warpgroups.
 template <int kD_>
 struct FwdConfig {
-    static constexpr int kD = kD_, kBM = 128, kBN = kD <= 128 ? 128 : 64, kThreads = 256;
+    static constexpr int kD = kD_, kWG = kD == 64 ? 1 : 2, kMinBlocks = kWG == 1 ? 2 : 1;
+    static constexpr int kBM = 64 * kWG, kBN = kD <= 128 ? 128 : 64, kThreads = 128 * kWG;
     using QTile = SwizzledTile<kBM, kD>;
     using KVTile = SwizzledTile<kBN, kD>;
     // sQ, then two stages of sK and of sV; 1024 more to align the start to the swizzle atom.
@@ -23,7 +27,7 @@ struct FwdConfig {
 };
 
 template <class T, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_sm90_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBM = Cfg::kBM, kBN = Cfg::kBN, kThreads = Cfg::kThreads;
     constexpr int kNT = kBN / 8, kDT = kD / 8;
