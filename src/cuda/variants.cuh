@@ -9,8 +9,6 @@
 // accumulators take kD registers per thread and 32 queries per step keeps the rest small.
 #pragma once
 
-#include <cstdlib>
-
 #include "cuda/attention_bwd.cuh"
 #include "cuda/attention_bwd_sm90.cuh"
 #include "cuda/attention_fwd.cuh"
@@ -35,8 +33,6 @@ void run_fwd(const KernelParams& p, cudaStream_t stream) {
 
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream) {
-    if constexpr (kD == 128)  // EXPERIMENT (to be removed): one warpgroup per block at kD = 128
-        if (p.sm90 && std::getenv("ORCHARD_EXP_BWD1")) return sm90::launch_bwd<T, sm90::BwdConfig<kD, 1>>(p, stream);
     if constexpr (kD == 64 || kD == 128)
         if (p.sm90) return sm90::launch_bwd<T, sm90::BwdConfig<kD>>(p, stream);
     launch_bwd<T, BwdConfigFor<kD>>(p, stream);
