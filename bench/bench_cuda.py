@@ -81,13 +81,10 @@ def measure(case: dict) -> dict:
         os.environ["ORCHARD_CUDA_WGMMA"] = wgmma
         out, lse = _ops.ops.fwd(q, k, v, *opts)
         bwd_args = (dout, q, k, v, out, lse, *opts[:-1], True, True, True, "bench")
-        det_args = (dout, q, k, v, out, lse, *opts[:-2], True, True, True, True, "bench")
         t_fwd = cuda_time(lambda: _ops.ops.fwd(q, k, v, *opts))
         t_bwd = cuda_time(lambda: _ops.ops.bwd(*bwd_args))
-        t_det = cuda_time(lambda: _ops.ops.bwd(*det_args))  # deterministic=True
-        row[impl] = {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3, "bwd_det_ms": t_det * 1e3,
-                     "fwd_tflops": flops / t_fwd / 1e12, "bwd_tflops": 2.5 * flops / t_bwd / 1e12,
-                     "bwd_det_tflops": 2.5 * flops / t_det / 1e12}
+        row[impl] = {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3,
+                     "fwd_tflops": flops / t_fwd / 1e12, "bwd_tflops": 2.5 * flops / t_bwd / 1e12}
     os.environ.pop("ORCHARD_CUDA_WGMMA")
 
     # Peers: (B, H, S, D) views, k/v expanded to Hq heads, full causal.
@@ -154,16 +151,12 @@ def table(path: Path, bwd_key: str = "bwd") -> str:
     """A markdown table of a JSON this script wrote (TFLOP/s; x = Orchard / peer)."""
     data = json.loads(path.read_text())
     ceiling = data["meta"]["matmul_ceiling_tflops"]
-    mma = "orchard_mma" in data["rows"][0]  # JSONs from before the wgmma kernels lack it
-    lines = ["| case | S | Orchard fwd / bwd | of ceiling | " + ("mma.sync fwd / bwd | " if mma else "")
-             + "flash fwd / bwd | x flash | cuDNN fwd / bwd | x cuDNN |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if mma else "")]
+    lines = ["| case | S | Orchard fwd / bwd | of ceiling | flash fwd / bwd | x flash | "
+             "cuDNN fwd / bwd | x cuDNN |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         o = r["orchard"]
         of, ob = o["fwd_tflops"], o[f"{bwd_key}_tflops"]
         cells = [r["name"], str(r["S"]), f"{of:.0f} / {ob:.0f}", f"{of / ceiling:.2f} / {ob / ceiling:.2f}"]
-        if mma:
-            cells.append(f"{r['orchard_mma']['fwd_tflops']:.0f} / {r['orchard_mma']['bwd_tflops']:.0f}")
         for peer in PEERS:
             p = r[peer]
             if "error" in p:
@@ -196,7 +189,7 @@ def main() -> None:
         m = row["orchard_mma"]
         print(f"{row['name']:16s} S={row['S']:6d} orchard {o['fwd_tflops']:5.0f}/{o['bwd_tflops']:5.0f} "
               f"({o['fwd_tflops'] / ceiling:.2f}/{o['bwd_tflops'] / ceiling:.2f} of ceiling)  "
-              f"det {o['bwd_det_tflops']:5.0f}  mma {m['fwd_tflops']:5.0f}/{m['bwd_tflops']:5.0f}  {peers}",
+              f"mma {m['fwd_tflops']:5.0f}/{m['bwd_tflops']:5.0f}  {peers}",
               flush=True)
     stamp = datetime.date.today().isoformat()
     meta = {"date": stamp, "device": torch.cuda.get_device_name(), "torch": torch.__version__,

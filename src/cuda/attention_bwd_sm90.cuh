@@ -26,18 +26,12 @@ struct BwdConfig {
     static_assert(kD == 64 || kD == 128);
     using BlockTile = SwizzledTile<kBlock, kD>;  // the block's K, V (dK/dV) or Q, dO (dQ)
     using StepTile = SwizzledTile<kStep, kD>;    // a step's Q, dO (dK/dV) or K, V (dQ)
-    using DsTile = SwizzledTile<kBlock, kStep>;  // dS^T of a step (atomic dQ)
-    // Block tiles, two stages of two step tiles, (dK/dV) two stages of lse and delta, dS^T,
-    // alignment.
-    static constexpr size_t kDkvSmem =
-        2 * BlockTile::kBytes + 4 * StepTile::kBytes + 4 * kStep * 4 + DsTile::kBytes + 1024;
+    // Block tiles, two stages of two step tiles, (dK/dV) two stages of lse and delta, alignment.
+    static constexpr size_t kDkvSmem = 2 * BlockTile::kBytes + 4 * StepTile::kBytes + 4 * kStep * 4 + 1024;
     static constexpr size_t kDqSmem = 2 * BlockTile::kBytes + 4 * StepTile::kBytes + 1024;
 };
 
-// With kAtomicDq the block also adds its dQ contribution, dS K over its 64 keys, to p.dq_accum
-// with fp32 atomics (FlashAttention's 5 products instead of 7; the order of the additions, and
-// so the last bits of dQ, vary from run to run).
-template <class T, class Cfg, bool kAtomicDq>
+template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBN = Cfg::kBlock, kBM = Cfg::kStep, kThreads = Cfg::kThreads;
@@ -51,9 +45,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
     // Then, as plain floats: [2][kBM] lse (log2 units) and [2][kBM] delta.
     float* sLse = reinterpret_cast<float*>(smem_raw + (sdO + 2 * QTile::kBytes - smem_addr(smem_raw)));
     float* sDelta = sLse + 2 * kBM;
-    using DsTile = typename Cfg::DsTile;
-    const uint32_t sdS = sdO + 2 * QTile::kBytes + 4 * kBM * 4;  // 1024-aligned: kBM * 16 bytes
-    static_assert(kBM * 16 % 1024 == 0);
 
     const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
     const Seq s = seq_of(p, b);
@@ -149,15 +140,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
             c_to_a<T>(ap[ks], st[2 * ks], st[2 * ks + 1]);
             c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
         }
-        if constexpr (kAtomicDq) {  // dS^T to shared memory: keys x queries, the A of dQ = dS K
-            const int lane4 = (threadIdx.x % 32) % 4 * 4;  // byte offset of the pair in its piece
-#pragma unroll
-            for (int ks = 0; ks < kBM / 16; ++ks)
-#pragma unroll
-                for (int x = 0; x < 4; ++x)  // A fragment x: key g + 8 (x % 2), queries 2t + 8 (x / 2)
-                    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sdS + DsTile::offset(kr + g + 8 * (x % 2), ks * 16 + 8 * (x / 2)) + lane4),
-                                 "r"(ads[ks][x]));
-        }
         fence_regs(dv);
         fence_regs(dk);
         wgmma_fence();
@@ -166,34 +148,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
 #pragma unroll
         for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs<T, kD, true>(dk, ads[ks], mn_major<QTile>(tQ, ks), true);
         wgmma_commit();
-        if constexpr (kAtomicDq) {
-            // dQ (kBM queries x kD) = dS K: A = dS^T's tile read MN-major, B = K MN-major.
-            fence_async_smem();
-            __syncthreads();
-            float acc_dq[kDT][4];
-            float(&dq)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dq);
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < kBN / 16; ++ks)
-                wgmma_ss<T, kD, true, true>(dq, mn_major<DsTile>(sdS, ks), mn_major<KTile>(sK, ks), ks > 0);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(dq);
-            // Element (dt, c): query m0 + kr + g + 8 (c / 2), column dt * 8 + 2t + c % 2.
-            float* acc = p.dq_accum + ((int64_t(b) * p.Hq + h) * p.Sq + m0 + kr) * p.D;
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr) {
-                if (m0 + kr + g + 8 * rr >= s.sq) continue;
-                float* row = acc + int64_t(g + 8 * rr) * p.D;
-#pragma unroll
-                for (int dt = 0; dt < kDT; ++dt)
-                    if (dt * 8 + 2 * t < p.D)
-                        atomicAdd(reinterpret_cast<float2*>(row + dt * 8 + 2 * t),
-                                  make_float2(acc_dq[dt][2 * rr], acc_dq[dt][2 * rr + 1]));
-            }
-        } else {
-            wgmma_wait<0>();
-        }
+        wgmma_wait<0>();
         fence_regs(dv);
         fence_regs(dk);
     }
@@ -326,44 +281,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dq_sm90_kernel
 #endif
 }
 
-// dq = the fp32 sums of the atomic dQ, as T: one warp per (row, head, batch).
-template <class T>
-__global__ void __launch_bounds__(kDeltaRows * 32) attention_bwd_dq_convert_kernel(const KernelParams p) {
-    const int h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x % 32;
-    const int64_t i = int64_t(blockIdx.x) * kDeltaRows + threadIdx.x / 32;
-    const Seq s = seq_of(p, b);
-    if (i >= s.sq) return;
-    const float* acc = p.dq_accum + ((int64_t(b) * p.Hq + h) * p.Sq + i) * p.D;
-    T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + (s.first_q + i) * p.dq_st.s + int64_t(h) * p.dq_st.h;
-    for (int d = 2 * lane; d < p.D; d += 64) {
-        const float2 x = *reinterpret_cast<const float2*>(acc + d);
-        *reinterpret_cast<uint32_t*>(dq + d) = pack2<T>(x.x, x.y);
-    }
-}
-
 template <class T, class Cfg>
 void launch_bwd(const KernelParams& p, cudaStream_t stream) {
     launch_bwd_delta<T>(p, stream);
-    const bool atomic_dq = p.dq && p.dq_accum;
-    if (atomic_dq)
-        check_cuda(cudaMemsetAsync(p.dq_accum, 0, size_t(p.B) * p.Hq * p.Sq * p.D * sizeof(float), stream),
-                   "cudaMemsetAsync (dQ sums)");
     const dim3 dkdv_grid(unsigned((p.Sk + Cfg::kBlock - 1) / Cfg::kBlock), unsigned(p.Hkv), unsigned(p.B));
-    if ((p.dk || p.dv || atomic_dq) && !empty_grid(dkdv_grid)) {
-        auto kernel = atomic_dq ? attention_bwd_dkdv_sm90_kernel<T, Cfg, true>
-                                : attention_bwd_dkdv_sm90_kernel<T, Cfg, false>;
+    if ((p.dk || p.dv) && !empty_grid(dkdv_grid)) {
+        auto kernel = attention_bwd_dkdv_sm90_kernel<T, Cfg>;
         set_smem(kernel, Cfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV, sm90)");
         kernel<<<dkdv_grid, Cfg::kThreads, Cfg::kDkvSmem, stream>>>(p);
         check_cuda(cudaGetLastError(), "backward dK/dV kernel launch (sm90)");
     }
     const dim3 dq_grid(unsigned((p.Sq + Cfg::kBlock - 1) / Cfg::kBlock), unsigned(p.Hq), unsigned(p.B));
-    if (atomic_dq) {
-        const dim3 grid(unsigned((p.Sq + kDeltaRows - 1) / kDeltaRows), unsigned(p.Hq), unsigned(p.B));
-        if (!empty_grid(grid)) {
-            attention_bwd_dq_convert_kernel<T><<<grid, kDeltaRows * 32, 0, stream>>>(p);
-            check_cuda(cudaGetLastError(), "backward dQ conversion kernel launch (sm90)");
-        }
-    } else if (p.dq && !empty_grid(dq_grid)) {
+    if (p.dq && !empty_grid(dq_grid)) {
         auto kernel = attention_bwd_dq_sm90_kernel<T, Cfg>;
         set_smem(kernel, Cfg::kDqSmem, "cudaFuncSetAttribute (dQ, sm90)");
         kernel<<<dq_grid, Cfg::kThreads, Cfg::kDqSmem, stream>>>(p);

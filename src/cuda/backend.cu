@@ -156,30 +156,18 @@ void attention_fwd(const AttentionParams& a) {
     (a.dtype == DType::f16 ? v.fwd_f16 : v.fwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 
-// Whether the backward adds dQ up with fp32 atomics: the Hopper kernels at padded head dims 64
-// and 128, unless `deterministic`. The workspace then holds the dQ sums after delta.
-bool atomic_dq(const AttentionParams& a) {
-    const int hd = padded_head_dim(a.D);
-    return !a.deterministic && a.dq != nullptr && (hd == 64 || hd == 128) && use_sm90(a.device.index);
-}
-
-// delta = rowsum(dout * out): float32 (B, Hq, Sq); the atomic dQ's sums: float32 (B, Hq, Sq, D),
-// 16-byte aligned.
-size_t delta_bytes(const AttentionParams& p) { return (size_t(p.B * p.Hq * p.Sq) * sizeof(float) + 15) / 16 * 16; }
-
-size_t bwd_workspace_size(const AttentionParams& p) {
-    return delta_bytes(p) + (atomic_dq(p) ? size_t(p.B * p.Hq * p.Sq * p.D) * sizeof(float) : 0);
-}
-
 void attention_bwd(const AttentionParams& a) {
     const DeviceScope scope(a.device.index);
     const Variant& v = *find_variant(a.D);
     KernelParams p = make_kernel_params(a);
     p.sm90 = use_sm90(a.device.index);
-    if (atomic_dq(a)) p.dq_accum = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + delta_bytes(a));
     (a.dtype == DType::f16 ? v.bwd_f16 : v.bwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 
+// delta = rowsum(dout * out): float32 (B, Hq, Sq).
+size_t bwd_workspace_size(const AttentionParams& p) {
+    return size_t(p.B * p.Hq * p.Sq) * sizeof(float);
+}
 
 }  // namespace
 }  // namespace orchard::cuda

@@ -27,9 +27,6 @@ struct KernelParams {
     void* dv;
     float* lse;
     float* delta;  // backward workspace: rowsum(dout * out), (B, Hq, Sq) contiguous
-    // Backward workspace of the atomic dQ (Hopper kernels, not `deterministic`): fp32 dQ sums,
-    // (B, Hq, Sq, D) contiguous; nullptr when the backward computes dQ in its own kernel.
-    float* dq_accum;
     Strides q_st, k_st, v_st, out_st, dout_st, dq_st, dk_st, dv_st;
     LseStrides lse_st;
     const int32_t* cu_q;  // varlen: nullptr when padded
