@@ -151,12 +151,16 @@ def table(path: Path, bwd_key: str = "bwd") -> str:
     """A markdown table of a JSON this script wrote (TFLOP/s; x = Orchard / peer)."""
     data = json.loads(path.read_text())
     ceiling = data["meta"]["matmul_ceiling_tflops"]
-    lines = ["| case | S | Orchard fwd / bwd | of ceiling | flash fwd / bwd | x flash | "
-             "cuDNN fwd / bwd | x cuDNN |", "|---|---|---|---|---|---|---|---|"]
+    mma = "orchard_mma" in data["rows"][0]  # JSONs from before the wgmma kernels lack it
+    lines = ["| case | S | Orchard fwd / bwd | of ceiling | " + ("mma.sync fwd / bwd | " if mma else "")
+             + "flash fwd / bwd | x flash | cuDNN fwd / bwd | x cuDNN |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if mma else "")]
     for r in data["rows"]:
         o = r["orchard"]
         of, ob = o["fwd_tflops"], o[f"{bwd_key}_tflops"]
         cells = [r["name"], str(r["S"]), f"{of:.0f} / {ob:.0f}", f"{of / ceiling:.2f} / {ob / ceiling:.2f}"]
+        if mma:
+            cells.append(f"{r['orchard_mma']['fwd_tflops']:.0f} / {r['orchard_mma']['bwd_tflops']:.0f}")
         for peer in PEERS:
             p = r[peer]
             if "error" in p:
