@@ -15,7 +15,8 @@
 
 namespace orchard::cuda::sm90 {
 
-// kD = 64 or 128: dK and dV accumulators take kD registers a thread (kD = 256 stays on mma.sync).
+// kD = 64, 96 or 128: dK and dV accumulators take kD registers a thread (larger head dims stay
+// on mma.sync).
 // One warpgroup per block: 64 keys (dK/dV) or queries (dQ) and at most ~100 KB of shared memory,
 // so that two blocks share an SM and one's loads and elementwise work overlap the other's
 // products. (Measured against two warpgroups of 128 keys sharing the step's tiles, hdim 128 on
@@ -23,7 +24,7 @@ namespace orchard::cuda::sm90 {
 template <int kD_>
 struct BwdConfig {
     static constexpr int kD = kD_, kBlock = 64, kStep = 64, kThreads = 128;
-    static_assert(kD == 64 || kD == 128);
+    static_assert(kD == 64 || kD == 96 || kD == 128);
     using BlockTile = SwizzledTile<kBlock, kD>;  // the block's K, V (dK/dV) or Q, dO (dQ)
     using StepTile = SwizzledTile<kStep, kD>;    // a step's Q, dO (dK/dV) or K, V (dQ)
     // Block tiles, two stages of two step tiles, (dK/dV) two stages of lse and delta, alignment.
@@ -144,9 +145,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
         fence_regs(dk);
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs<T, kD, true>(dv, ap[ks], mn_major<QTile>(tdO, ks), true);
+        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dv, ap[ks], tdO, ks);
 #pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs<T, kD, true>(dk, ads[ks], mn_major<QTile>(tQ, ks), true);
+        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dk, ads[ks], tQ, ks);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(dv);
@@ -266,7 +267,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dq_sm90_kernel
         fence_regs(dq);
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < kBK / 16; ++ks) wgmma_rs<T, kD, true>(dq, a[ks], mn_major<KTile>(tK, ks), true);
+        for (int ks = 0; ks < kBK / 16; ++ks) wgmma_rs_tile<T, KTile>(dq, a[ks], tK, ks);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(dq);

@@ -11,14 +11,14 @@
 
 namespace orchard::cuda::sm90 {
 
-// kD a multiple of 64. 128 keys per tile up to kD = 128 (score and output accumulators: 64 + 64
-// registers a thread); 64 past it, where the output alone takes kD / 2.
-// kWG warpgroups of 64 query rows per block. At kD = 64 one warpgroup (and 80 KB of shared
-// memory) lets two blocks share an SM, so that one block's loads and softmax overlap the
+// kD = 64, 96, 128 or 256. 128 keys per tile up to kD = 128 (score and output accumulators:
+// 64 + up to 64 registers a thread); 64 past it, where the output alone takes kD / 2.
+// kWG warpgroups of 64 query rows per block. Up to kD = 96 one warpgroup (and at most 110 KB of
+// shared memory) lets two blocks share an SM, so that one block's loads and softmax overlap the
 // other's products; larger head dims need the shared memory of one block of two warpgroups.
 template <int kD_>
 struct FwdConfig {
-    static constexpr int kD = kD_, kWG = kD == 64 ? 1 : 2, kMinBlocks = kWG == 1 ? 2 : 1;
+    static constexpr int kD = kD_, kWG = kD <= 96 ? 1 : 2, kMinBlocks = kWG == 1 ? 2 : 1;
     static constexpr int kBM = 64 * kWG, kBN = kD <= 128 ? 128 : 64, kThreads = 128 * kWG;
     using QTile = SwizzledTile<kBM, kD>;
     using KVTile = SwizzledTile<kBN, kD>;
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
         if (pv) {
             const uint32_t tV = sV + ((n - 1) & 1) * KVTile::kBytes;
 #pragma unroll
-            for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs<T, kD, true>(o, pf[ks], mn_major<KVTile>(tV, ks), true);
+            for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs_tile<T, KVTile>(o, pf[ks], tV, ks);
             wgmma_commit();
             wgmma_wait<1>();
         } else {
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
         wgmma_fence();
         const uint32_t tV = sV + ((n_end - 1) & 1) * KVTile::kBytes;
 #pragma unroll
-        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs<T, kD, true>(o, pf[ks], mn_major<KVTile>(tV, ks), true);
+        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs_tile<T, KVTile>(o, pf[ks], tV, ks);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(o);

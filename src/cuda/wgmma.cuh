@@ -7,12 +7,14 @@
 // element e. A taken from registers has the mma.m16n8k16 A layout, so c_to_a() turns a score
 // accumulator into the next product's A operand here too.
 //
-// Shared-memory tiles (`SwizzledTile`): kRows x kD elements of 16 bits, kD a multiple of 64,
-// stored as kD / 64 column stacks of kRows x 64 elements (128 bytes a row); inside a stack row r's
-// 16-byte piece c sits at r * 128 + (c ^ r % 8) * 16. This is the 128-byte swizzle of wgmma's
-// canonical layouts: cp.async writes and wgmma reads of it are free of bank conflicts, and the same
-// tile serves as a K-major operand (rows = M or N, columns = K: Q, K, V, dO in S = Q K^T) and as
-// an MN-major one (rows = K, columns = N: V in O = P V, dO and Q in the dV / dK products).
+// Shared-memory tiles (`SwizzledTile`): kRows x kD elements of 16 bits, kD a multiple of 32,
+// stored as kD / 64 column stacks of kRows x 64 elements (128 bytes a row) and, when kD is an odd
+// multiple of 32, a last stack of kRows x 32 (64 bytes a row). Inside a 64-column stack row r's
+// 16-byte piece c sits at r * 128 + (c ^ r % 8) * 16, inside the 32-column one at
+// r * 64 + (c ^ r / 2 % 4) * 16: the 128- and 64-byte swizzles of wgmma's canonical layouts.
+// cp.async writes and wgmma reads of them are free of bank conflicts, and the same tile serves as
+// a K-major operand (rows = M or N, columns = K: Q, K, V, dO in S = Q K^T) and as an MN-major one
+// (rows = K, columns = N: V in O = P V, dO and Q in the dV / dK products).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,12 +30,16 @@ namespace orchard::cuda::sm90 {
 template <int kRows_, int kD_>
 struct SwizzledTile {
     static constexpr int kRows = kRows_, kD = kD_;
-    static_assert(kD % 64 == 0 && kRows % 64 == 0);
+    static_assert(kD % 32 == 0 && kRows % 64 == 0);
+    static constexpr int kFull = kD / 64 * 64;  // columns in 128-byte-row stacks
+    static constexpr bool kHalf = kD % 64 != 0;  // a last 32-column stack
     static constexpr int kStackBytes = kRows * 128;
-    static constexpr int kBytes = kStackBytes * (kD / 64);
+    static constexpr int kHalfStart = kFull / 64 * kStackBytes;  // byte offset of the last stack
+    static constexpr int kBytes = kHalfStart + (kHalf ? kRows * 64 : 0);
 
     // Byte offset of element (r, col), col a multiple of 8.
     static __device__ __forceinline__ uint32_t offset(int r, int col) {
+        if (kHalf && col >= kFull) return uint32_t(kHalfStart + r * 64 + ((((col - kFull) / 8) ^ (r / 2 % 4)) * 16));
         return uint32_t((col / 64) * kStackBytes + r * 128 + ((((col % 64) / 8) ^ (r % 8)) * 16));
     }
 };
@@ -45,41 +51,60 @@ template <class Tile, int kThreads, class T>
 __device__ __forceinline__ void load_swizzled_async(uint32_t tile, const T* base, int64_t stride,
                                                     int64_t row0, int64_t rows, int d,
                                                     int tid = threadIdx.x) {
-    // Thread tid copies column piece tid % kChunks of rows tid / kChunks + i * kRowStep: one
-    // pointer step per piece, no 64-bit index arithmetic in the loop.
-    constexpr int kChunks = Tile::kD / 8, kRowStep = kThreads / kChunks;
-    static_assert(kThreads % kChunks == 0 && Tile::kRows % kRowStep == 0);
-    const int col = (tid % kChunks) * 8, r0 = tid / kChunks;
-    const int64_t left = rows - row0;  // rows of the slice from row0 on
-    const bool col_ok = col < d;
-    const T* src = base + (row0 + r0) * stride + col;
+    constexpr int kChunks = Tile::kD / 8;  // 16-byte pieces per row
+    const int64_t left = rows - row0;      // rows of the slice from row0 on
+    if constexpr (kThreads % kChunks == 0) {
+        // Thread tid copies piece tid % kChunks of rows tid / kChunks + i * kRowStep: one pointer
+        // step per piece, no 64-bit index arithmetic in the loop.
+        constexpr int kRowStep = kThreads / kChunks;
+        static_assert(Tile::kRows % kRowStep == 0);
+        const int col = (tid % kChunks) * 8, r0 = tid / kChunks;
+        const bool col_ok = col < d;
+        const T* src = base + (row0 + r0) * stride + col;
 #pragma unroll
-    for (int i = 0; i < Tile::kRows / kRowStep; ++i, src += kRowStep * stride) {
-        const int r = r0 + i * kRowStep;
-        const bool valid = col_ok && r < left;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + Tile::offset(r, col)),
-                     "l"(valid ? src : base), "r"(valid ? 16 : 0));
+        for (int i = 0; i < Tile::kRows / kRowStep; ++i, src += kRowStep * stride) {
+            const int r = r0 + i * kRowStep;
+            const bool valid = col_ok && r < left;
+            cp_async_16(tile + Tile::offset(r, col), valid ? src : base, valid);
+        }
+    } else {  // rows of 12 or 20 pieces (head dims 96, 160): piece c = tid + i * kThreads
+#pragma unroll
+        for (int c = tid; c < Tile::kRows * kChunks; c += kThreads) {
+            const int r = c / kChunks, col = (c % kChunks) * 8;
+            const bool valid = r < left && col < d;
+            cp_async_16(tile + Tile::offset(r, col), valid ? base + (row0 + r) * stride + col : base, valid);
+        }
     }
 }
 
-// A matrix descriptor: start address, leading / stride byte offsets, 128-byte swizzle.
-__device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes) {
+// A matrix descriptor: start address, leading / stride byte offsets, swizzle (128 or 64 bytes).
+__device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes,
+                                               int swizzle_bytes) {
+    const uint64_t layout = swizzle_bytes == 128 ? 1 : 2;
     return uint64_t((addr & 0x3FFFF) >> 4) | uint64_t(lead_bytes >> 4) << 16 |
-           uint64_t(stride_bytes >> 4) << 32 | uint64_t(1) << 62;
+           uint64_t(stride_bytes >> 4) << 32 | layout << 62;
 }
 
 // The tile as a K-major operand: rows [row0, row0 + 64 or N) (row0 a multiple of 8), k-step kk
-// (columns 16kk..16kk+15). 8-row groups are 1024 bytes apart; the leading offset is unused.
+// (columns 16kk..16kk+15). 8-row groups are 1024 bytes apart (512 in the 32-column stack); the
+// leading offset is unused.
 template <class Tile>
 __device__ __forceinline__ uint64_t k_major(uint32_t tile, int row0, int kk) {
-    return descriptor(tile + (kk / 4) * Tile::kStackBytes + row0 * 128 + (kk % 4) * 32, 16, 1024);
+    if (Tile::kHalf && kk * 16 >= Tile::kFull)
+        return descriptor(tile + Tile::kHalfStart + row0 * 64 + (kk - Tile::kFull / 16) * 32, 16, 512, 64);
+    return descriptor(tile + (kk / 4) * Tile::kStackBytes + row0 * 128 + (kk % 4) * 32, 16, 1024, 128);
 }
 
-// The tile as an MN-major B operand (rows = K, columns = N): k-step kk (rows 16kk..16kk+15).
-// Groups of 8 rows are 1024 bytes apart, groups of 64 columns one stack apart.
+// The tile's 64-column stacks as an MN-major operand (rows = K, columns = M or N): k-step kk
+// (rows 16kk..16kk+15). Groups of 8 rows are 1024 bytes apart, groups of 64 columns one stack.
 template <class Tile>
 __device__ __forceinline__ uint64_t mn_major(uint32_t tile, int kk) {
-    return descriptor(tile + kk * 16 * 128, Tile::kStackBytes, 1024);
+    return descriptor(tile + kk * 16 * 128, Tile::kStackBytes, 1024, 128);
+}
+// ... and its 32-column stack: 8-row groups 512 bytes apart, one group of columns.
+template <class Tile>
+__device__ __forceinline__ uint64_t mn_major_half(uint32_t tile, int kk) {
+    return descriptor(tile + Tile::kHalfStart + kk * 16 * 64, Tile::kRows * 64, 512, 64);
 }
 
 // Orders this thread's generic-proxy shared-memory writes (cp.async, st.shared) before later
@@ -103,6 +128,7 @@ __device__ __forceinline__ void fence_regs(float (&d)[kN]) {
 }
 
 // The asm texts. wgmma names accumulators first, so operand numbers are spelled out per N.
+#define ORCHARD_WG_R16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
 #define ORCHARD_WG_R32                                                                            \
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
     "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
@@ -119,6 +145,7 @@ __device__ __forceinline__ void fence_regs(float (&d)[kN]) {
 #define ORCHARD_WG_D8(i)                                                                   \
     "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
         "+f"(d[i + 6]), "+f"(d[i + 7])
+#define ORCHARD_WG_D16 ORCHARD_WG_D8(0), ORCHARD_WG_D8(8)
 #define ORCHARD_WG_D32(i) ORCHARD_WG_D8(i), ORCHARD_WG_D8(i + 8), ORCHARD_WG_D8(i + 16), ORCHARD_WG_D8(i + 24)
 #define ORCHARD_WG_D64 ORCHARD_WG_D32(0), ORCHARD_WG_D32(32)
 #define ORCHARD_WG_D128 ORCHARD_WG_D64, ORCHARD_WG_D32(64), ORCHARD_WG_D32(96)
@@ -155,13 +182,26 @@ template <class T, int kN, bool kTransB>
 __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b,
                                          bool accumulate) {
     constexpr bool kHalf = std::is_same_v<T, __half>;
-    if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_RS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36, 37, 38);
+    if constexpr (kN == 32 && kHalf) ORCHARD_WGMMA_RS(32, "f16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20, 21, 22);
+    else if constexpr (kN == 32) ORCHARD_WGMMA_RS(32, "bf16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20, 21, 22);
+    else if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_RS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36, 37, 38);
     else if constexpr (kN == 64) ORCHARD_WGMMA_RS(64, "bf16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36, 37, 38);
     else if constexpr (kN == 128 && kHalf) ORCHARD_WGMMA_RS(128, "f16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68, 69, 70);
     else if constexpr (kN == 128) ORCHARD_WGMMA_RS(128, "bf16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68, 69, 70);
     else if constexpr (kN == 256 && kHalf) ORCHARD_WGMMA_RS(256, "f16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132, 133, 134);
     else if constexpr (kN == 256) ORCHARD_WGMMA_RS(256, "bf16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132, 133, 134);
-    else static_assert(kN == 64 || kN == 128 || kN == 256, "wgmma_rs: N = 64, 128 or 256");
+    else static_assert(kN == 32 || kN == 64 || kN == 128 || kN == 256, "wgmma_rs: N = 32, 64, 128 or 256");
+}
+
+// D (kD / 2 floats) += A B with A in registers and B = k-step kk of a tile read MN-major with
+// all its kD columns: one product over the 64-column stacks, one over the 32-column stack.
+template <class T, class Tile>
+__device__ __forceinline__ void wgmma_rs_tile(float (&d)[Tile::kD / 2], const uint32_t (&a)[4], uint32_t tile,
+                                              int kk) {
+    if constexpr (Tile::kFull > 0)
+        wgmma_rs<T, Tile::kFull, true>(reinterpret_cast<float(&)[Tile::kFull / 2]>(d), a, mn_major<Tile>(tile, kk), true);
+    if constexpr (Tile::kHalf)
+        wgmma_rs<T, 32, true>(reinterpret_cast<float(&)[16]>(d[Tile::kFull / 2]), a, mn_major_half<Tile>(tile, kk), true);
 }
 
 #undef ORCHARD_WGMMA_RS
@@ -169,9 +209,11 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
 #undef ORCHARD_WG_D128
 #undef ORCHARD_WG_D64
 #undef ORCHARD_WG_D32
+#undef ORCHARD_WG_D16
 #undef ORCHARD_WG_D8
 #undef ORCHARD_WG_R128
 #undef ORCHARD_WG_R64
 #undef ORCHARD_WG_R32
+#undef ORCHARD_WG_R16
 
 }  // namespace orchard::cuda::sm90

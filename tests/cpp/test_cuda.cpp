@@ -161,12 +161,12 @@ std::vector<Param> cuda_params() {
 INSTANTIATE_TEST_SUITE_P(Cuda, CudaVsReference, ::testing::ValuesIn(cuda_params()),
                          [](const auto& info) { return case_name(info.param.c, info.param.dt); });
 
-// The cases at the default head dim (32) again at 64 and 128: the head dims of the Hopper (wgmma)
+// The cases at the default head dim (32) again at 64, 80 and 128: head dims of the Hopper (wgmma)
 // kernels, so that every feature of the list runs through them too.
 std::vector<Param> wide_params() {
     std::vector<Param> ps;
     for (const Case& base : case_list())
-        for (int64_t d : {64, 128}) {
+        for (int64_t d : {64, 80, 128}) {
             if (base.D != Case{}.D || base.Dv != 0) continue;
             Case c = base;
             c.D = d;

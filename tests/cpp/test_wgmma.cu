@@ -1,6 +1,7 @@
 // The wgmma building blocks of the Hopper kernels (src/cuda/wgmma.cuh) on their own: one
 // warpgroup multiplies small integer-valued matrices (exact in bf16 and fp32) through the
-// swizzled shared-memory tiles, in both operand forms the kernels use:
+// swizzled shared-memory tiles, in both operand forms the kernels use, with K or N of 96 for
+// tiles with a 32-column (64-byte swizzle) stack:
 //   SS: D (64 x N) = A (64 x K, K-major tile) * B^T (B an N x K K-major tile)      [S = Q K^T]
 //   RS: D (64 x N) = A (64 x K, registers)    * B   (B a K x N MN-major tile)      [O = P V]
 // Skipped without a compute capability 9.0 device.
@@ -16,10 +17,8 @@ namespace {
 
 using orchard::cuda::sm90::SwizzledTile;
 using T = __nv_bfloat16;
-constexpr int kK = 128;  // the reduction: two column stacks, so the stack stride is exercised
-
-// a: 64 x kK, b: kRowsB x kColsB (row major, global); d: 64 x kN fp32.
-template <int kN, bool kRegistersA>
+// a: 64 x kK, b: kK x kN (RS) or kN x kK (SS), row major, global; d: 64 x kN fp32.
+template <int kN, bool kRegistersA, int kK>
 __global__ void wgmma_probe(const T* a, const T* b, float* d) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using namespace orchard::cuda;
@@ -36,7 +35,7 @@ __global__ void wgmma_probe(const T* a, const T* b, float* d) {
     fence_async_smem();
     __syncthreads();
 
-    float acc[kN / 8][4];
+    float acc[kN / 8][4] = {};
     float(&dd)[kN / 2] = reinterpret_cast<float(&)[kN / 2]>(acc);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     wgmma_fence();
@@ -48,7 +47,7 @@ __global__ void wgmma_probe(const T* a, const T* b, float* d) {
                 const int row = warp * 16 + g + 8 * (x % 2), col = ks * 16 + 2 * t + 8 * (x / 2);
                 fr[ks][x] = *reinterpret_cast<const uint32_t*>(a + row * kK + col);
             }
-        for (int ks = 0; ks < kK / 16; ++ks) wgmma_rs<T, kN, true>(dd, fr[ks], mn_major<BTile>(sB, ks), ks > 0);
+        for (int ks = 0; ks < kK / 16; ++ks) wgmma_rs_tile<T, BTile>(dd, fr[ks], sB, ks);
         wgmma_commit();
         wgmma_wait<0>();
     } else {
@@ -79,7 +78,7 @@ std::vector<T> integers(int n, int seed) {
     return v;
 }
 
-template <int kN, bool kRegistersA>
+template <int kN, bool kRegistersA, int kK = 128>
 void check() {
     if (!have_hopper()) GTEST_SKIP() << "needs a compute capability 9.0 (Hopper) device";
     const std::vector<T> a = integers(64 * kK, 1), b = integers(kK * kN, 2);
@@ -91,7 +90,7 @@ void check() {
     cudaMemcpy(da, a.data(), a.size() * sizeof(T), cudaMemcpyHostToDevice);
     cudaMemcpy(db, b.data(), b.size() * sizeof(T), cudaMemcpyHostToDevice);
     const int smem = 1024 + 64 * kK * 2 + kK * kN * 2;
-    auto kernel = wgmma_probe<kN, kRegistersA>;
+    auto kernel = wgmma_probe<kN, kRegistersA, kK>;
     ASSERT_EQ(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), cudaSuccess);
     kernel<<<1, 128, smem>>>(da, db, dd);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -117,6 +116,8 @@ TEST(Wgmma, SharedKMajorTimesKMajorN128) { check<128, false>(); }
 TEST(Wgmma, RegistersTimesMnMajorN64) { check<64, true>(); }
 TEST(Wgmma, RegistersTimesMnMajorN128) { check<128, true>(); }
 TEST(Wgmma, RegistersTimesMnMajorN256) { check<256, true>(); }
+TEST(Wgmma, SharedKMajorTimesKMajorK96) { check<64, false, 96>(); }
+TEST(Wgmma, RegistersTimesMnMajorN96) { check<96, true>(); }
 
 }  // namespace
 }  // namespace orchard::test
