@@ -51,29 +51,21 @@ template <class Tile, int kThreads, class T>
 __device__ __forceinline__ void load_swizzled_async(uint32_t tile, const T* base, int64_t stride,
                                                     int64_t row0, int64_t rows, int d,
                                                     int tid = threadIdx.x) {
-    constexpr int kChunks = Tile::kD / 8;  // 16-byte pieces per row
-    const int64_t left = rows - row0;      // rows of the slice from row0 on
-    if constexpr (kThreads % kChunks == 0) {
-        // Thread tid copies piece tid % kChunks of rows tid / kChunks + i * kRowStep: one pointer
-        // step per piece, no 64-bit index arithmetic in the loop.
-        constexpr int kRowStep = kThreads / kChunks;
-        static_assert(Tile::kRows % kRowStep == 0);
-        const int col = (tid % kChunks) * 8, r0 = tid / kChunks;
-        const bool col_ok = col < d;
-        const T* src = base + (row0 + r0) * stride + col;
+    // Thread tid copies piece tid % kChunks of rows tid / kChunks + i * kRowStep: one pointer
+    // step per piece, no division or 64-bit index arithmetic in the loop. Where kChunks does not
+    // divide the thread count (12 pieces at head dim 96) the last kThreads % kChunks threads idle.
+    constexpr int kChunks = Tile::kD / 8, kRowStep = kThreads / kChunks;
+    if (tid >= kRowStep * kChunks) return;
+    const int col = (tid % kChunks) * 8, r0 = tid / kChunks;
+    const int64_t left = rows - row0;  // rows of the slice from row0 on
+    const bool col_ok = col < d;
+    const T* src = base + (row0 + r0) * stride + col;
 #pragma unroll
-        for (int i = 0; i < Tile::kRows / kRowStep; ++i, src += kRowStep * stride) {
-            const int r = r0 + i * kRowStep;
-            const bool valid = col_ok && r < left;
-            cp_async_16(tile + Tile::offset(r, col), valid ? src : base, valid);
-        }
-    } else {  // rows of 12 or 20 pieces (head dims 96, 160): piece c = tid + i * kThreads
-#pragma unroll
-        for (int c = tid; c < Tile::kRows * kChunks; c += kThreads) {
-            const int r = c / kChunks, col = (c % kChunks) * 8;
-            const bool valid = r < left && col < d;
-            cp_async_16(tile + Tile::offset(r, col), valid ? base + (row0 + r) * stride + col : base, valid);
-        }
+    for (int i = 0; i < (Tile::kRows + kRowStep - 1) / kRowStep; ++i, src += kRowStep * stride) {
+        const int r = r0 + i * kRowStep;
+        if (Tile::kRows % kRowStep != 0 && r >= Tile::kRows) break;
+        const bool valid = col_ok && r < left;
+        cp_async_16(tile + Tile::offset(r, col), valid ? src : base, valid);
     }
 }
 
