@@ -11,14 +11,14 @@
 
 namespace orchard::cuda::sm90 {
 
-// kD = 64, 96, 128 or 256. 128 keys per tile up to kD = 128 (score and output accumulators:
-// 64 + up to 64 registers a thread); 64 past it, where the output alone takes kD / 2.
-// kWG warpgroups of 64 query rows per block. Up to kD = 96 one warpgroup (and at most 110 KB of
-// shared memory) lets two blocks share an SM, so that one block's loads and softmax overlap the
-// other's products; larger head dims need the shared memory of one block of two warpgroups.
+// kD = 64, 128 or 256. 128 keys per tile up to kD = 128 (score and output accumulators: 64 + 64
+// registers a thread); 64 past it, where the output alone takes kD / 2.
+// kWG warpgroups of 64 query rows per block. At kD = 64 one warpgroup (and 80 KB of shared
+// memory) lets two blocks share an SM, so that one block's loads and softmax overlap the other's
+// products; larger head dims need the shared memory of one block of two warpgroups.
 template <int kD_>
 struct FwdConfig {
-    static constexpr int kD = kD_, kWG = kD <= 96 ? 1 : 2, kMinBlocks = kWG == 1 ? 2 : 1;
+    static constexpr int kD = kD_, kWG = kD == 64 ? 1 : 2, kMinBlocks = kWG == 1 ? 2 : 1;
     static constexpr int kBM = 64 * kWG, kBN = kD <= 128 ? 128 : 64, kThreads = 128 * kWG;
     using QTile = SwizzledTile<kBM, kD>;
     using KVTile = SwizzledTile<kBN, kD>;
