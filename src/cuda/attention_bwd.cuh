@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cmath>
+#include <tuple>
 #include <utility>
 
 #include "cuda/kernel_params.cuh"
@@ -124,6 +125,67 @@ __device__ __forceinline__ void probs_and_grads(const ScoreMod& mod, float (&s)[
         }
 }
 
+// Row i's lse (log2 units) and delta; rows past the end get lse = +inf (so p = 0) and delta 0.
+__device__ __forceinline__ std::pair<float, float> row_lse_delta(const KernelParams& p, const Seq& s, int b,
+                                                                 int h, int64_t i) {
+    if (i >= s.sq) return {INFINITY, 0.f};
+    return {p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e,
+            p.delta[(int64_t(b) * p.Hq + h) * p.Sq + i]};
+}
+
+// The elementwise part of a dK/dV step on a warp's C tiles, shared by the mma.sync and the wgmma
+// kernels: st = S^T and dpt = dP^T of its 16 keys n0 + kr.. (rows) x kQT * 8 queries m0..
+// (columns) in, P z and the scaled dS out. tLse / tDelta: the step's queries; `full`: the block's
+// tile is fully visible.
+template <int kQT>
+__device__ __forceinline__ void dkdv_grads(const KernelParams& p, const Seq& s, const ScoreMod& mod, int64_t bh,
+                                           int64_t m0, int64_t n0, int kr, bool full, float (&st)[kQT][4],
+                                           float (&dpt)[kQT][4], const float* tLse, const float* tDelta) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    // Element (qt, c): key j = n0 + kr + g + 8 * (c / 2), query i = m0 + qt * 8 + 2t + c % 2.
+    auto ij = [&](int qt, int c) {
+        return std::pair<int64_t, int64_t>{m0 + qt * 8 + 2 * t + c % 2, n0 + kr + g + 8 * (c / 2)};
+    };
+    auto dist = [&](int qt, int c) {
+        const auto [i, j] = ij(qt, c);
+        return i + s.diag - j;
+    };
+    transform_and_mask(p, s, mod, full, st, ij);
+    const uint32_t keep = p.dropout ? keep_bits<kQT>(p, bh, ij) : ~0u;
+    auto lse2_delta = [&](int qt, int c) {
+        const int r = qt * 8 + 2 * t + c % 2;
+        return std::pair<float, float>{tLse[r], tDelta[r]};
+    };
+    if (mod.softcap > 0.f)
+        probs_and_grads<kQT, true>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
+    else
+        probs_and_grads<kQT, false>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
+}
+
+// ... of a dQ step: acc_s = S and acc_dp = dP of a warp's 16 queries m0 + qr.. x kKT * 8 keys
+// n0.. in, P z and the scaled dS out. lse2 / delta: the thread's rows g and g + 8.
+template <int kKT>
+__device__ __forceinline__ void dq_grads(const KernelParams& p, const Seq& s, const ScoreMod& mod, int64_t bh,
+                                         int64_t m0, int qr, int64_t n0, bool full, float (&acc_s)[kKT][4],
+                                         float (&acc_dp)[kKT][4], const float (&lse2)[2], const float (&delta)[2]) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    // Element (nt, c): query i = m0 + qr + g + 8 * (c / 2), key j = n0 + nt * 8 + 2t + c % 2.
+    auto ij = [&](int nt, int c) {
+        return std::pair<int64_t, int64_t>{m0 + qr + g + 8 * (c / 2), n0 + nt * 8 + 2 * t + c % 2};
+    };
+    auto dist = [&](int nt, int c) {
+        const auto [i, j] = ij(nt, c);
+        return i + s.diag - j;
+    };
+    transform_and_mask(p, s, mod, full, acc_s, ij);
+    const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, ij) : ~0u;
+    auto lse2_delta = [&](int, int c) { return std::pair<float, float>{lse2[c / 2], delta[c / 2]}; };
+    if (mod.softcap > 0.f)
+        probs_and_grads<kKT, true>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
+    else
+        probs_and_grads<kKT, false>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
+}
+
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const KernelParams p) {
     constexpr int kD = Cfg::kD, kBN = Cfg::kBN, kBM = Cfg::kBM, kP = Cfg::kP;
@@ -141,7 +203,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
     const int64_t n0 = int64_t(n_block) * kBN;
     if (n0 >= s.sk) return;
     const int group = p.Hq / p.Hkv;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t diag = s.diag;
 
     const Span qs = queries_seeing(n0, min(n0 + kBN, s.sk), diag, p.window_left, p.window_right, s.sq);
@@ -162,14 +224,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
         load_tile_async<kBM, kD, Cfg::kThreads>(sdO + stage * kBM * kP,
                                                row_ptr<T>(p.dout, p.dout_st, b, s.first_q, h),
                                                p.dout_st.s, m0, s.sq, p.D);
-        for (int r = threadIdx.x; r < kBM; r += Cfg::kThreads) {
-            const int64_t i = m0 + r;
-            const bool in = i < s.sq;  // rows past the end: p = 0 through lse = +inf
-            sLse[stage * kBM + r] =
-                in ? p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e
-                   : INFINITY;
-            sDelta[stage * kBM + r] = in ? p.delta[(int64_t(b) * p.Hq + h) * p.Sq + i] : 0.f;
-        }
+        for (int r = threadIdx.x; r < kBM; r += Cfg::kThreads)
+            std::tie(sLse[stage * kBM + r], sDelta[stage * kBM + r]) = row_lse_delta(p, s, b, h, m0 + r);
     };
     if (steps > 0) load_step(0, 0);
     cp_async_commit();
@@ -215,24 +271,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
             }
         }
 
-        // Element (qt, c): key j = n0 + kr + g + 8 * (c / 2), query i = m0 + qt * 8 + 2t + c % 2.
-        auto ij = [&](int qt, int c) {
-            return std::pair<int64_t, int64_t>{m0 + qt * 8 + 2 * t + c % 2, n0 + kr + g + 8 * (c / 2)};
-        };
-        auto dist = [&](int qt, int c) {
-            const auto [i, j] = ij(qt, c);
-            return i + diag - j;
-        };
-        transform_and_mask(p, s, mod, tile_fully_visible(p, s, m0, kBM, n0, kBN), st, ij);
-        const uint32_t keep = p.dropout ? keep_bits<kQT>(p, int64_t(b) * p.Hq + h, ij) : ~0u;
-        auto lse2_delta = [&](int qt, int c) {
-            const int r = qt * 8 + 2 * t + c % 2;
-            return std::pair<float, float>{tLse[r], tDelta[r]};
-        };
-        if (mod.softcap > 0.f)
-            probs_and_grads<kQT, true>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
-        else
-            probs_and_grads<kQT, false>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
+        dkdv_grads(p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr, tile_fully_visible(p, s, m0, kBM, n0, kBN), st, dpt, tLse,
+                   tDelta);
 
         // dV += (P z)^T dO, dK += dS^T Q.
 #pragma unroll
@@ -286,8 +326,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
     const int64_t m0 = int64_t(m_block) * kBQ;
     if (m0 >= s.sq) return;
     const int hk = h / (p.Hq / p.Hkv);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int64_t diag = s.diag;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
     const ScoreMod mod = score_mod(p, b, h);
     const int64_t bh = int64_t(b) * p.Hq + h;
 
@@ -308,13 +347,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
     const int qr = warp * 16;  // this warp's first query inside the block
     float lse2[2], delta[2];
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const int64_t i = m0 + qr + g + rr * 8;
-        const bool in = i < s.sq;
-        lse2[rr] = in ? p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e
-                      : INFINITY;
-        delta[rr] = in ? p.delta[bh * p.Sq + i] : 0.f;
-    }
+    for (int rr = 0; rr < 2; ++rr) std::tie(lse2[rr], delta[rr]) = row_lse_delta(p, s, b, h, m0 + qr + g + rr * 8);
 
     float acc_dq[kDT][4] = {};
     for (int n = n_first; n < n_end; ++n) {
@@ -356,21 +389,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
             }
         }
 
-        // Element (nt, c): query i = m0 + qr + g + 8 * (c / 2), key j = n0 + nt * 8 + 2t + c % 2.
-        auto ij = [&](int nt, int c) {
-            return std::pair<int64_t, int64_t>{m0 + qr + g + 8 * (c / 2), n0 + nt * 8 + 2 * t + c % 2};
-        };
-        auto dist = [&](int nt, int c) {
-            const auto [i, j] = ij(nt, c);
-            return i + diag - j;
-        };
-        transform_and_mask(p, s, mod, tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, ij);
-        const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, ij) : ~0u;
-        auto lse2_delta = [&](int, int c) { return std::pair<float, float>{lse2[c / 2], delta[c / 2]}; };
-        if (mod.softcap > 0.f)
-            probs_and_grads<kKT, true>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
-        else
-            probs_and_grads<kKT, false>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
+        dq_grads(p, s, mod, bh, m0, qr, n0, tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, acc_dp, lse2, delta);
 
         // dQ += dS K.
 #pragma unroll

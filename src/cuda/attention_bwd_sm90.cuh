@@ -8,6 +8,7 @@
 //   dQ step (64 keys): S = Q K^T, dP = dO V^T, dQ += dS K (K as an MN-major operand).
 #pragma once
 
+#include <tuple>
 #include <utility>
 
 #include "cuda/attention_bwd.cuh"
@@ -52,7 +53,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
     const int64_t n0 = int64_t(n_block) * kBN;
     if (n0 >= s.sk) return;
     const int group = p.Hq / p.Hkv;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32;
     const int64_t diag = s.diag;
 
     const Span qs = queries_seeing(n0, min(n0 + kBN, s.sk), diag, p.window_left, p.window_right, s.sq);
@@ -70,13 +71,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
         load_swizzled_async<QTile, kThreads>(sdO + stage * QTile::kBytes,
                                              row_ptr<T>(p.dout, p.dout_st, b, s.first_q, h), p.dout_st.s, m0,
                                              s.sq, p.D);
-        for (int r = threadIdx.x; r < kBM; r += kThreads) {
-            const int64_t i = m0 + r;
-            const bool in = i < s.sq;  // rows past the end: p = 0 through lse = +inf
-            sLse[stage * kBM + r] =
-                in ? p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e : INFINITY;
-            sDelta[stage * kBM + r] = in ? p.delta[(int64_t(b) * p.Hq + h) * p.Sq + i] : 0.f;
-        }
+        for (int r = threadIdx.x; r < kBM; r += kThreads)
+            std::tie(sLse[stage * kBM + r], sDelta[stage * kBM + r]) = row_lse_delta(p, s, b, h, m0 + r);
     };
     if (steps > 0) load_step(0, 0);
     cp_async_commit();
@@ -115,24 +111,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
         fence_regs(st_f);
         fence_regs(dpt_f);
 
-        // Element (qt, c): key j = n0 + kr + g + 8 * (c / 2), query i = m0 + qt * 8 + 2t + c % 2.
-        auto ij = [&](int qt, int c) {
-            return std::pair<int64_t, int64_t>{m0 + qt * 8 + 2 * t + c % 2, n0 + kr + g + 8 * (c / 2)};
-        };
-        auto dist = [&](int qt, int c) {
-            const auto [i, j] = ij(qt, c);
-            return i + diag - j;
-        };
-        transform_and_mask(p, s, mod, tile_fully_visible(p, s, m0, kBM, n0, kBN), st, ij);
-        const uint32_t keep = p.dropout ? keep_bits<kQT>(p, int64_t(b) * p.Hq + h, ij) : ~0u;
-        auto lse2_delta = [&](int qt, int c) {
-            const int r = qt * 8 + 2 * t + c % 2;
-            return std::pair<float, float>{tLse[r], tDelta[r]};
-        };
-        if (mod.softcap > 0.f)
-            probs_and_grads<kQT, true>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
-        else
-            probs_and_grads<kQT, false>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
+        dkdv_grads(p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr, tile_fully_visible(p, s, m0, kBM, n0, kBN), st, dpt, tLse,
+                   tDelta);
 
         // dV += (P z)^T dO, dK += dS^T Q.
         uint32_t ap[kBM / 16][4], ads[kBM / 16][4];
@@ -187,8 +167,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dq_sm90_kernel
     const int64_t m0 = int64_t(m_block) * kBQ;
     if (m0 >= s.sq) return;
     const int hk = h / (p.Hq / p.Hkv);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int64_t diag = s.diag;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
     const ScoreMod mod = score_mod(p, b, h);
     const int64_t bh = int64_t(b) * p.Hq + h;
 
@@ -209,12 +188,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dq_sm90_kernel
     const int qr = warp * 16;  // this warp's first query inside the block
     float lse2[2], delta[2];
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const int64_t i = m0 + qr + g + rr * 8;
-        const bool in = i < s.sq;
-        lse2[rr] = in ? p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e : INFINITY;
-        delta[rr] = in ? p.delta[bh * p.Sq + i] : 0.f;
-    }
+    for (int rr = 0; rr < 2; ++rr) std::tie(lse2[rr], delta[rr]) = row_lse_delta(p, s, b, h, m0 + qr + g + rr * 8);
 
     float acc_dq[kDT][4] = {};
     float(&dq)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dq);
@@ -244,21 +218,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dq_sm90_kernel
         fence_regs(s_f);
         fence_regs(dp_f);
 
-        // Element (nt, c): query i = m0 + qr + g + 8 * (c / 2), key j = n0 + nt * 8 + 2t + c % 2.
-        auto ij = [&](int nt, int c) {
-            return std::pair<int64_t, int64_t>{m0 + qr + g + 8 * (c / 2), n0 + nt * 8 + 2 * t + c % 2};
-        };
-        auto dist = [&](int nt, int c) {
-            const auto [i, j] = ij(nt, c);
-            return i + diag - j;
-        };
-        transform_and_mask(p, s, mod, tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, ij);
-        const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, ij) : ~0u;
-        auto lse2_delta = [&](int, int c) { return std::pair<float, float>{lse2[c / 2], delta[c / 2]}; };
-        if (mod.softcap > 0.f)
-            probs_and_grads<kKT, true>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
-        else
-            probs_and_grads<kKT, false>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
+        dq_grads(p, s, mod, bh, m0, qr, n0, tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, acc_dp, lse2, delta);
 
         // dQ += dS K.
         uint32_t a[kBK / 16][4];
