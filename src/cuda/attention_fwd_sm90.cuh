@@ -2,8 +2,8 @@
 // wgmma. A block of query rows is one or two warpgroups of 64; S = Q K^T reads Q and K from
 // shared memory, O += P V takes P from registers (the converted score accumulator) and V from
 // shared memory, and overlaps the next tile's softmax. K/V tiles are double-buffered through
-// cp.async; the softmax is fwd_softmax_tile(), shared with the mma.sync kernel (a warp owns 16
-// rows in both).
+// cp.async; the softmax is fwd_softmax_tile(), shared with the mma.sync kernel (both hold a
+// warp's scores as 16-row fragments in the same register layout).
 #pragma once
 
 #include "cuda/attention_fwd.cuh"
