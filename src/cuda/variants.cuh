@@ -1,5 +1,6 @@
-// Block shapes per head dim, and the definitions behind launch.h's declarations. Included only by
-// the generated per-variant translation units.
+// Block shapes of the mma.sync kernels per head dim (the Hopper kernels keep theirs in their own
+// headers), and the definitions behind launch.h's declarations. Included only by the generated
+// per-variant translation units.
 //
 // Forward: 128 query rows x 64 keys with 4 warps (two 16-row fragments per warp, so each K/V
 // fragment loaded from shared memory feeds two MMAs) up to kD = 128: 64 fp32 score and up to 128
