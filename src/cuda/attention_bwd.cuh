@@ -186,6 +186,34 @@ __device__ __forceinline__ void dq_grads(const KernelParams& p, const Seq& s, co
         probs_and_grads<kKT, false>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
 }
 
+// acc1 = A1 B1^T and acc2 = A2 B2^T for a warp's 16 rows row0.. of A1, A2 (kD columns each) against
+// the kN rows of B1, B2 (pitch-kP shared tiles): S^T and dP^T of the dK/dV kernel, S and dP of
+// the dQ kernel. A1 and A2 share their fragment addresses, as do B1 and B2.
+template <class T, int kD, int kN, int kP>
+__device__ __forceinline__ void two_products_nt(float (&acc1)[kN / 8][4], float (&acc2)[kN / 8][4],
+                                                const T* a1, const T* a2, int row0, const T* b1,
+                                                const T* b2) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+        uint32_t fa1[4], fa2[4];
+        const int a_off = (row0 + (lane / 8 & 1) * 8 + lane % 8) * kP + kk * 16 + (lane / 16) * 8;
+        ldmatrix_x4(fa1, a1 + a_off);
+        ldmatrix_x4(fa2, a2 + a_off);
+#pragma unroll
+        for (int np = 0; np < kN / 16; ++np) {
+            uint32_t fb1[4], fb2[4];
+            const int b_off = (np * 16 + (lane / 16) * 8 + lane % 8) * kP + kk * 16 + (lane / 8 & 1) * 8;
+            ldmatrix_x4(fb1, b1 + b_off);
+            ldmatrix_x4(fb2, b2 + b_off);
+            mma_16816<T>(acc1[2 * np], fa1, fb1[0], fb1[1]);
+            mma_16816<T>(acc1[2 * np + 1], fa1, fb1[2], fb1[3]);
+            mma_16816<T>(acc2[2 * np], fa2, fb2[0], fb2[1]);
+            mma_16816<T>(acc2[2 * np + 1], fa2, fb2[2], fb2[3]);
+        }
+    }
+}
+
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const KernelParams p) {
     constexpr int kD = Cfg::kD, kBN = Cfg::kBN, kBM = Cfg::kBM, kP = Cfg::kP;
@@ -252,24 +280,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
 
         // S^T = K Q^T and dP^T = V dO^T: (16 keys x kBM queries) per warp.
         float st[kQT][4] = {}, dpt[kQT][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            uint32_t ak[4], av[4];
-            const int a_off = (kr + (lane / 8 & 1) * 8 + lane % 8) * kP + kk * 16 + (lane / 16) * 8;
-            ldmatrix_x4(ak, sK + a_off);
-            ldmatrix_x4(av, sV + a_off);
-#pragma unroll
-            for (int np = 0; np < kBM / 16; ++np) {
-                uint32_t bq[4], bo[4];
-                const int b_off = (np * 16 + (lane / 16) * 8 + lane % 8) * kP + kk * 16 + (lane / 8 & 1) * 8;
-                ldmatrix_x4(bq, tQ + b_off);
-                ldmatrix_x4(bo, tdO + b_off);
-                mma_16816<T>(st[2 * np], ak, bq[0], bq[1]);
-                mma_16816<T>(st[2 * np + 1], ak, bq[2], bq[3]);
-                mma_16816<T>(dpt[2 * np], av, bo[0], bo[1]);
-                mma_16816<T>(dpt[2 * np + 1], av, bo[2], bo[3]);
-            }
-        }
+        two_products_nt<T, kD, kBM, kP>(st, dpt, sK, sV, kr, tQ, tdO);
 
         dkdv_grads(p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr, tile_fully_visible(p, s, m0, kBM, n0, kBN), st, dpt, tLse,
                    tDelta);
@@ -370,24 +381,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
 
         // S = Q K^T and dP = dO V^T: (16 queries x kBK keys) per warp.
         float acc_s[kKT][4] = {}, acc_dp[kKT][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-            uint32_t aq[4], ao[4];
-            const int a_off = (qr + (lane / 8 & 1) * 8 + lane % 8) * kP + kk * 16 + (lane / 16) * 8;
-            ldmatrix_x4(aq, sQ + a_off);
-            ldmatrix_x4(ao, sdO + a_off);
-#pragma unroll
-            for (int np = 0; np < kBK / 16; ++np) {
-                uint32_t bk[4], bv[4];
-                const int b_off = (np * 16 + (lane / 16) * 8 + lane % 8) * kP + kk * 16 + (lane / 8 & 1) * 8;
-                ldmatrix_x4(bk, tK + b_off);
-                ldmatrix_x4(bv, tV + b_off);
-                mma_16816<T>(acc_s[2 * np], aq, bk[0], bk[1]);
-                mma_16816<T>(acc_s[2 * np + 1], aq, bk[2], bk[3]);
-                mma_16816<T>(acc_dp[2 * np], ao, bv[0], bv[1]);
-                mma_16816<T>(acc_dp[2 * np + 1], ao, bv[2], bv[3]);
-            }
-        }
+        two_products_nt<T, kD, kBK, kP>(acc_s, acc_dp, sQ, sdO, qr, tK, tV);
 
         dq_grads(p, s, mod, bh, m0, qr, n0, tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, acc_dp, lse2, delta);
 
