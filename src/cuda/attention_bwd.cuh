@@ -20,23 +20,32 @@
 
 namespace orchard::cuda {
 
-// ---- 1. delta = rowsum(dO * O) ------------------------------------------------------------
+// ---- 1. delta = rowsum(dO * O), lse2 = lse * log2(e) ----------------------------------------
 
 inline constexpr int kDeltaRows = 8;  // one warp per row
 
+// Over the workspace's whole rows (ws_pitch), so that its padding holds delta 0 and lse2 +inf.
 template <class T>
 __global__ void __launch_bounds__(kDeltaRows * 32) attention_bwd_delta_kernel(const KernelParams p) {
     const int h = blockIdx.y, b = blockIdx.z, lane = threadIdx.x % 32;
     const int64_t i = int64_t(blockIdx.x) * kDeltaRows + threadIdx.x / 32;
     const Seq s = seq_of(p, b);
-    if (i >= s.sq) return;
+    if (i >= p.ws_pitch) return;
+    const int64_t at = (int64_t(b) * p.Hq + h) * p.ws_pitch + i;
+    if (i >= s.sq) {
+        if (lane == 0) p.delta[at] = 0.f, p.lse2[at] = INFINITY;
+        return;
+    }
     const T* o = row_ptr<T>(p.out, p.out_st, b, s.first_q + i, h);
     const T* dout = row_ptr<T>(p.dout, p.dout_st, b, s.first_q + i, h);
     float acc = 0.f;
     for (int d = lane; d < p.D; d += 32) acc += to_float(o[d]) * to_float(dout[d]);
 #pragma unroll
     for (int w = 16; w > 0; w /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, w);
-    if (lane == 0) p.delta[(int64_t(b) * p.Hq + h) * p.Sq + i] = acc;
+    if (lane == 0) {
+        p.delta[at] = acc;
+        p.lse2[at] = p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e;
+    }
 }
 
 // ---- 2. dK, dV ------------------------------------------------------------------------------
@@ -99,29 +108,41 @@ __device__ __forceinline__ void transform_and_mask(const KernelParams& p, const 
     }
 }
 
-// From scores s (log2 units, or raw on the plain path; masked = -inf) and dp of kTiles C tiles:
-// s <- P * z (for dV) and dp <- dS = P * (dp * z - delta) [* (1 - tanh^2)] * scale, with
-// z = keep ? 1 / (1 - p) : 0.
-// lse2 / delta give a column's (or row's) values; dist(tile, c) = i + diag - j for softcap.
-template <int kTiles, bool kSoftcap, class Row, class Dist>
-__device__ __forceinline__ void probs_and_grads(const ScoreMod& mod, float (&s)[kTiles][4],
-                                                float (&dp)[kTiles][4], uint32_t keep, float rp,
-                                                Row lse2_delta, Dist dist) {
+// The elementwise backward of kTiles C tiles in two phases, so that a kernel can run the first
+// while dP is still being multiplied and the second while P z is (the wgmma kernels do):
+//   probs: s (scores in log2 units, or raw on the plain path; masked = -inf) -> pz = P * z (the
+//     dV operand) and s <- P [* (1 - tanh^2) with softcap], the factor dS needs from the scores;
+//   grads: dp <- dS = s * (dp * z - delta) * scale,
+// with z = keep ? 1 / (1 - p) : 0. lse2_of / delta_of give an element's row (or column) values;
+// dist(tile, c) = i + diag - j for softcap.
+template <int kTiles, bool kSoftcap, class Lse, class Dist>
+__device__ __forceinline__ void probs(const ScoreMod& mod, float (&s)[kTiles][4], float (&pz)[kTiles][4],
+                                      uint32_t keep, float rp, Lse lse2_of, Dist dist) {
     const float factor = mod.log2_factor();
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            const auto [lse2, delta] = lse2_delta(tile, c);
-            const float pr = fast_exp2(fmaf(s[tile][c], factor, -lse2));
-            const float z = (keep >> (tile * 4 + c)) & 1u ? rp : 0.f;
-            float ds = pr * (dp[tile][c] * z - delta);
+            const float pr = fast_exp2(fmaf(s[tile][c], factor, -lse2_of(tile, c)));
+            pz[tile][c] = (keep >> (tile * 4 + c)) & 1u ? pr * rp : 0.f;
             if constexpr (kSoftcap) {
                 const float t = mod.softcap_tanh(s[tile][c], dist(tile, c));
-                ds *= 1.f - t * t;
+                s[tile][c] = pr * (1.f - t * t);
+            } else {
+                s[tile][c] = pr;
             }
-            dp[tile][c] = ds * mod.scale;
-            s[tile][c] = pr * z;
+        }
+}
+
+template <int kTiles, class Delta>
+__device__ __forceinline__ void grads(const ScoreMod& mod, const float (&s)[kTiles][4], float (&dp)[kTiles][4],
+                                      uint32_t keep, float rp, Delta delta_of) {
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float z = (keep >> (tile * 4 + c)) & 1u ? rp : 0.f;
+            dp[tile][c] = s[tile][c] * (dp[tile][c] * z - delta_of(tile, c)) * mod.scale;
         }
 }
 
@@ -129,62 +150,101 @@ __device__ __forceinline__ void probs_and_grads(const ScoreMod& mod, float (&s)[
 __device__ __forceinline__ std::pair<float, float> row_lse_delta(const KernelParams& p, const Seq& s, int b,
                                                                  int h, int64_t i) {
     if (i >= s.sq) return {INFINITY, 0.f};
-    return {p.lse[b * p.lse_st.b + h * p.lse_st.h + (s.first_q + i) * p.lse_st.s] * kLog2e,
-            p.delta[(int64_t(b) * p.Hq + h) * p.Sq + i]};
+    const int64_t at = (int64_t(b) * p.Hq + h) * p.ws_pitch + i;
+    return {p.lse2[at], p.delta[at]};
+}
+
+// Starts copying the lse2 and delta of kRows rows m0.. (m0 a multiple of kRows, kRows of 32 or
+// 64: inside the workspace's padded rows) into sLse / sDelta: 16-byte cp.async pieces, so that a
+// dK/dV step's prefetch never waits on a global load.
+template <int kRows>
+__device__ __forceinline__ void load_lse_delta_async(const KernelParams& p, int b, int h, int64_t m0,
+                                                     float* sLse, float* sDelta) {
+    constexpr int kPieces = kRows / 4;  // of each array
+    const int t = threadIdx.x;
+    if (t >= 2 * kPieces) return;
+    const int64_t at = (int64_t(b) * p.Hq + h) * p.ws_pitch + m0 + (t % kPieces) * 4;
+    if (t < kPieces) cp_async_16(sLse + t * 4, p.lse2 + at, true);
+    else cp_async_16(sDelta + (t - kPieces) * 4, p.delta + at, true);
 }
 
 // The elementwise part of a dK/dV step on a warp's C tiles, shared by the mma.sync and the wgmma
-// kernels: st = S^T and dpt = dP^T of its 16 keys n0 + kr.. (rows) x kQT * 8 queries m0..
-// (columns) in, P z and the scaled dS out. tLse / tDelta: the step's queries; `full`: the block's
-// tile is fully visible.
+// kernels; st = S^T and dpt = dP^T of its 16 keys n0 + kr.. (rows) x kQT * 8 queries m0..
+// (columns); tLse / tDelta: the step's queries; `full`: the block's tile is fully visible.
+// Phase 1 (dkdv_probs): st in, pz = P z and st = probs()'s dS factor out; returns the keep bits.
+// Phase 2 (dkdv_dS): dpt <- the scaled dS.
 template <int kQT>
-__device__ __forceinline__ void dkdv_grads(const KernelParams& p, const Seq& s, const ScoreMod& mod, int64_t bh,
-                                           int64_t m0, int64_t n0, int kr, bool full, float (&st)[kQT][4],
-                                           float (&dpt)[kQT][4], const float* tLse, const float* tDelta) {
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+struct DkdvElems {
+    const KernelParams& p;
+    const Seq& s;
+    const ScoreMod& mod;
+    int64_t bh, m0, n0;
+    int kr;
     // Element (qt, c): key j = n0 + kr + g + 8 * (c / 2), query i = m0 + qt * 8 + 2t + c % 2.
-    auto ij = [&](int qt, int c) {
-        return std::pair<int64_t, int64_t>{m0 + qt * 8 + 2 * t + c % 2, n0 + kr + g + 8 * (c / 2)};
-    };
-    auto dist = [&](int qt, int c) {
-        const auto [i, j] = ij(qt, c);
-        return i + s.diag - j;
-    };
-    transform_and_mask(p, s, mod, full, st, ij);
-    const uint32_t keep = p.dropout ? keep_bits<kQT>(p, bh, ij) : ~0u;
-    auto lse2_delta = [&](int qt, int c) {
-        const int r = qt * 8 + 2 * t + c % 2;
-        return std::pair<float, float>{tLse[r], tDelta[r]};
-    };
-    if (mod.softcap > 0.f)
-        probs_and_grads<kQT, true>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
-    else
-        probs_and_grads<kQT, false>(mod, st, dpt, keep, p.rp_dropout, lse2_delta, dist);
-}
+    __device__ __forceinline__ std::pair<int64_t, int64_t> ij(int qt, int c) const {
+        const int lane = threadIdx.x % 32;
+        return {m0 + qt * 8 + 2 * (lane % 4) + c % 2, n0 + kr + lane / 4 + 8 * (c / 2)};
+    }
+    __device__ __forceinline__ static int col(int qt, int c) { return qt * 8 + 2 * (threadIdx.x % 4) + c % 2; }
+
+    __device__ __forceinline__ uint32_t probs_of(bool full, float (&st)[kQT][4], float (&pz)[kQT][4],
+                                                 const float* tLse) const {
+        auto at = [&](int qt, int c) { return ij(qt, c); };
+        transform_and_mask(p, s, mod, full, st, at);
+        const uint32_t keep = p.dropout ? keep_bits<kQT>(p, bh, at) : ~0u;
+        auto lse2_of = [&](int qt, int c) { return tLse[col(qt, c)]; };
+        auto dist = [&](int qt, int c) {
+            const auto [i, j] = ij(qt, c);
+            return i + s.diag - j;
+        };
+        if (mod.softcap > 0.f)
+            probs<kQT, true>(mod, st, pz, keep, p.rp_dropout, lse2_of, dist);
+        else
+            probs<kQT, false>(mod, st, pz, keep, p.rp_dropout, lse2_of, dist);
+        return keep;
+    }
+    __device__ __forceinline__ void dS_of(const float (&st)[kQT][4], float (&dpt)[kQT][4], uint32_t keep,
+                                          const float* tDelta) const {
+        grads<kQT>(mod, st, dpt, keep, p.rp_dropout, [&](int qt, int c) { return tDelta[col(qt, c)]; });
+    }
+};
 
 // ... of a dQ step: acc_s = S and acc_dp = dP of a warp's 16 queries m0 + qr.. x kKT * 8 keys
-// n0.. in, P z and the scaled dS out. lse2 / delta: the thread's rows g and g + 8.
+// n0..; lse2 / delta: the thread's rows g and g + 8. Only dS is needed (P z is dropped).
 template <int kKT>
-__device__ __forceinline__ void dq_grads(const KernelParams& p, const Seq& s, const ScoreMod& mod, int64_t bh,
-                                         int64_t m0, int qr, int64_t n0, bool full, float (&acc_s)[kKT][4],
-                                         float (&acc_dp)[kKT][4], const float (&lse2)[2], const float (&delta)[2]) {
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+struct DqElems {
+    const KernelParams& p;
+    const Seq& s;
+    const ScoreMod& mod;
+    int64_t bh, m0;
+    int qr;
+    int64_t n0;
     // Element (nt, c): query i = m0 + qr + g + 8 * (c / 2), key j = n0 + nt * 8 + 2t + c % 2.
-    auto ij = [&](int nt, int c) {
-        return std::pair<int64_t, int64_t>{m0 + qr + g + 8 * (c / 2), n0 + nt * 8 + 2 * t + c % 2};
-    };
-    auto dist = [&](int nt, int c) {
-        const auto [i, j] = ij(nt, c);
-        return i + s.diag - j;
-    };
-    transform_and_mask(p, s, mod, full, acc_s, ij);
-    const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, ij) : ~0u;
-    auto lse2_delta = [&](int, int c) { return std::pair<float, float>{lse2[c / 2], delta[c / 2]}; };
-    if (mod.softcap > 0.f)
-        probs_and_grads<kKT, true>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
-    else
-        probs_and_grads<kKT, false>(mod, acc_s, acc_dp, keep, p.rp_dropout, lse2_delta, dist);
-}
+    __device__ __forceinline__ std::pair<int64_t, int64_t> ij(int nt, int c) const {
+        const int lane = threadIdx.x % 32;
+        return {m0 + qr + lane / 4 + 8 * (c / 2), n0 + nt * 8 + 2 * (lane % 4) + c % 2};
+    }
+    __device__ __forceinline__ uint32_t probs_of(bool full, float (&acc_s)[kKT][4], const float (&lse2)[2]) const {
+        auto at = [&](int nt, int c) { return ij(nt, c); };
+        transform_and_mask(p, s, mod, full, acc_s, at);
+        const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, at) : ~0u;
+        auto lse2_of = [&](int, int c) { return lse2[c / 2]; };
+        auto dist = [&](int nt, int c) {
+            const auto [i, j] = ij(nt, c);
+            return i + s.diag - j;
+        };
+        float pz[kKT][4];  // unused here: the compiler drops it
+        if (mod.softcap > 0.f)
+            probs<kKT, true>(mod, acc_s, pz, keep, p.rp_dropout, lse2_of, dist);
+        else
+            probs<kKT, false>(mod, acc_s, pz, keep, p.rp_dropout, lse2_of, dist);
+        return keep;
+    }
+    __device__ __forceinline__ void dS_of(const float (&acc_s)[kKT][4], float (&acc_dp)[kKT][4], uint32_t keep,
+                                          const float (&delta)[2]) const {
+        grads<kKT>(mod, acc_s, acc_dp, keep, p.rp_dropout, [&](int, int c) { return delta[c / 2]; });
+    }
+};
 
 // acc1 = A1 B1^T and acc2 = A2 B2^T for a warp's 16 rows row0.. of A1, A2 (kD columns each) against
 // the kN rows of B1, B2 (pitch-kP shared tiles): S^T and dP^T of the dK/dV kernel, S and dP of
@@ -252,8 +312,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
         load_tile_async<kBM, kD, Cfg::kThreads>(sdO + stage * kBM * kP,
                                                row_ptr<T>(p.dout, p.dout_st, b, s.first_q, h),
                                                p.dout_st.s, m0, s.sq, p.D);
-        for (int r = threadIdx.x; r < kBM; r += Cfg::kThreads)
-            std::tie(sLse[stage * kBM + r], sDelta[stage * kBM + r]) = row_lse_delta(p, s, b, h, m0 + r);
+        load_lse_delta_async<kBM>(p, b, h, m0, sLse + stage * kBM, sDelta + stage * kBM);
     };
     if (steps > 0) load_step(0, 0);
     cp_async_commit();
@@ -282,14 +341,16 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
         float st[kQT][4] = {}, dpt[kQT][4] = {};
         two_products_nt<T, kD, kBM, kP>(st, dpt, sK, sV, kr, tQ, tdO);
 
-        dkdv_grads(p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr, tile_fully_visible(p, s, m0, kBM, n0, kBN), st, dpt, tLse,
-                   tDelta);
+        const DkdvElems<kQT> el{p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr};
+        float pz[kQT][4];
+        const uint32_t keep = el.probs_of(tile_fully_visible(p, s, m0, kBM, n0, kBN), st, pz, tLse);
+        el.dS_of(st, dpt, keep, tDelta);
 
         // dV += (P z)^T dO, dK += dS^T Q.
 #pragma unroll
         for (int ks = 0; ks < kBM / 16; ++ks) {
             uint32_t ap[4], ads[4];
-            c_to_a<T>(ap, st[2 * ks], st[2 * ks + 1]);
+            c_to_a<T>(ap, pz[2 * ks], pz[2 * ks + 1]);
             c_to_a<T>(ads, dpt[2 * ks], dpt[2 * ks + 1]);
 #pragma unroll
             for (int dp = 0; dp < kD / 16; ++dp) {
@@ -383,7 +444,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
         float acc_s[kKT][4] = {}, acc_dp[kKT][4] = {};
         two_products_nt<T, kD, kBK, kP>(acc_s, acc_dp, sQ, sdO, qr, tK, tV);
 
-        dq_grads(p, s, mod, bh, m0, qr, n0, tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, acc_dp, lse2, delta);
+        const DqElems<kKT> el{p, s, mod, bh, m0, qr, n0};
+        el.dS_of(acc_s, acc_dp, el.probs_of(tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, lse2), delta);
 
         // dQ += dS K.
 #pragma unroll
@@ -416,7 +478,7 @@ inline bool empty_grid(const dim3& g) { return g.x == 0 || g.y == 0 || g.z == 0;
 // write their zeros.
 template <class T>
 void launch_bwd_delta(const KernelParams& p, cudaStream_t stream) {
-    const dim3 grid(unsigned((p.Sq + kDeltaRows - 1) / kDeltaRows), unsigned(p.Hq), unsigned(p.B));
+    const dim3 grid(unsigned((p.ws_pitch + kDeltaRows - 1) / kDeltaRows), unsigned(p.Hq), unsigned(p.B));
     if (empty_grid(grid)) return;
     attention_bwd_delta_kernel<T><<<grid, kDeltaRows * 32, 0, stream>>>(p);
     check_cuda(cudaGetLastError(), "backward preprocess kernel launch");

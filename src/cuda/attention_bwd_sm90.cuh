@@ -1,14 +1,17 @@
 // The Hopper backward kernels (sm_90a): the algorithm of attention_bwd.cuh (delta preprocess,
 // dK/dV per key block looping over its GQA group's query blocks, dQ per query block; no atomics)
-// with every product on wgmma. A block is one warpgroup: 64 keys (dK/dV) or queries (dQ), 16 a
-// warp as in the mma.sync kernels, so the score transform, dropout and gradient helpers of
-// attention_bwd.cuh run unchanged on the wgmma accumulators.
+// with every product on wgmma. A block is one or two warpgroups, each owning 64 keys (dK/dV) or
+// queries (dQ), 16 a warp as in the mma.sync kernels, so the score transform, dropout and
+// gradient helpers of attention_bwd.cuh run unchanged on the wgmma accumulators.
 //   dK/dV step (64 queries): S^T = K Q^T, dP^T = V dO^T (both operands in shared memory),
 //     dV += (P z)^T dO, dK += dS^T Q (P, dS from registers; dO, Q as MN-major operands).
 //   dQ step (64 keys): S = Q K^T, dP = dO V^T, dQ += dS K (K as an MN-major operand).
+// Within a step the elementwise phases overlap the products still running: P while dP^T (dP)
+// is multiplied, dS while dV is.
 #pragma once
 
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "cuda/attention_bwd.cuh"
@@ -17,14 +20,13 @@
 namespace orchard::cuda::sm90 {
 
 // kD = 64, 96 or 128: dK and dV accumulators take kD registers a thread (larger head dims stay
-// on mma.sync).
-// One warpgroup per block: 64 keys (dK/dV) or queries (dQ) and at most ~100 KB of shared memory,
-// so that two blocks share an SM and one's loads and elementwise work overlap the other's
-// products. (Measured against two warpgroups of 128 keys sharing the step's tiles, hdim 128 on
-// the H200: as fast at 4k, 7-15% faster at 1k.)
-template <int kD_>
+// on mma.sync). A block is kWG warpgroups, each owning 64 of the block's keys (dK/dV) or queries
+// (dQ); the warpgroups share the step's tiles (64 queries or keys). kMinBlocks: blocks an SM
+// should hold (the register cap, __launch_bounds__). Which shape runs per head dim: run_bwd.
+template <int kD_, int kWG_ = 1, int kMinBlocks_ = 2>
 struct BwdConfig {
-    static constexpr int kD = kD_, kBlock = 64, kStep = 64, kThreads = 128;
+    static constexpr int kD = kD_, kWG = kWG_, kMinBlocks = kMinBlocks_;
+    static constexpr int kBlock = 64 * kWG, kStep = 64, kThreads = 128 * kWG;
     static_assert(kD == 64 || kD == 96 || kD == 128);
     using BlockTile = SwizzledTile<kBlock, kD>;  // the block's K, V (dK/dV) or Q, dO (dQ)
     using StepTile = SwizzledTile<kStep, kD>;    // a step's Q, dO (dK/dV) or K, V (dQ)
@@ -33,8 +35,18 @@ struct BwdConfig {
     static constexpr size_t kDqSmem = 2 * BlockTile::kBytes + 4 * StepTile::kBytes + 1024;
 };
 
+// The shapes per head dim, measured on the H200 (bf16, FlashAttention's benchmark shapes, same
+// run): at 64 a dQ kernel capped to three blocks an SM (163 registers, no spill) ran 3-7% faster
+// than with two; at 96 (Phi-2) two warpgroups a block for both kernels ran 2-5% faster; at 128
+// the one-warpgroup blocks were fastest up to 4k (two-warpgroup dK/dV blocks won by 2-3% at 16k).
+template <int kD>
+struct BwdShapes {
+    using Dkv = std::conditional_t<kD == 96, BwdConfig<kD, 2, 1>, BwdConfig<kD>>;
+    using Dq = std::conditional_t<kD == 96, BwdConfig<kD, 2, 1>, BwdConfig<kD, 1, kD == 64 ? 3 : 2>>;
+};
+
 template <class T, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_dkdv_sm90_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBN = Cfg::kBlock, kBM = Cfg::kStep, kThreads = Cfg::kThreads;
     constexpr int kQT = kBM / 8, kDT = kD / 8;
@@ -71,8 +83,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
         load_swizzled_async<QTile, kThreads>(sdO + stage * QTile::kBytes,
                                              row_ptr<T>(p.dout, p.dout_st, b, s.first_q, h), p.dout_st.s, m0,
                                              s.sq, p.D);
-        for (int r = threadIdx.x; r < kBM; r += kThreads)
-            std::tie(sLse[stage * kBM + r], sDelta[stage * kBM + r]) = row_lse_delta(p, s, b, h, m0 + r);
+        load_lse_delta_async<kBM>(p, b, h, m0, sLse + stage * kBM, sDelta + stage * kBM);
     };
     if (steps > 0) load_step(0, 0);
     cp_async_commit();
@@ -80,7 +91,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
     float acc_dk[kDT][4] = {}, acc_dv[kDT][4] = {};
     float(&dk)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dk);
     float(&dv)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dv);
-    const int kr = warp * 16;  // this warp's first key inside the block
+    const int kr = warp * 16;           // this warp's first key inside the block
+    const int wg_row = kr / 64 * 64;    // its warpgroup's
     for (int step = 0; step < steps; ++step) {
         const int stage = step & 1;
         cp_async_wait<0>();
@@ -95,37 +107,43 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
         const float* tDelta = sDelta + stage * kBM;
         const ScoreMod mod = score_mod(p, b, h);
 
-        // S^T = K Q^T and dP^T = V dO^T: the block's 64 keys x kBM queries.
+        // S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x kBM queries, committed
+        // separately so that P is computed while dP^T is multiplied.
         float st[kQT][4], dpt[kQT][4];
         float(&st_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(st);
         float(&dpt_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(dpt);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBM, false>(st_f, k_major<KTile>(sK, 0, kk), k_major<QTile>(tQ, 0, kk), kk > 0);
+            wgmma_ss<T, kBM, false>(st_f, k_major<KTile>(sK, wg_row, kk), k_major<QTile>(tQ, 0, kk), kk > 0);
+        wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBM, false>(dpt_f, k_major<KTile>(sV, 0, kk), k_major<QTile>(tdO, 0, kk), kk > 0);
+            wgmma_ss<T, kBM, false>(dpt_f, k_major<KTile>(sV, wg_row, kk), k_major<QTile>(tdO, 0, kk), kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+        wgmma_wait<1>();
         fence_regs(st_f);
-        fence_regs(dpt_f);
 
-        dkdv_grads(p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr, tile_fully_visible(p, s, m0, kBM, n0, kBN), st, dpt, tLse,
-                   tDelta);
+        const DkdvElems<kQT> el{p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr};
+        float pz[kQT][4];
+        const uint32_t keep = el.probs_of(tile_fully_visible(p, s, m0, kBM, n0, kBN), st, pz, tLse);
 
-        // dV += (P z)^T dO, dK += dS^T Q.
+        // dV += (P z)^T dO (dO an MN-major operand) while dS is computed, then dK += dS^T Q.
         uint32_t ap[kBM / 16][4], ads[kBM / 16][4];
 #pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) {
-            c_to_a<T>(ap[ks], st[2 * ks], st[2 * ks + 1]);
-            c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
-        }
+        for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ap[ks], pz[2 * ks], pz[2 * ks + 1]);
         fence_regs(dv);
-        fence_regs(dk);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dv, ap[ks], tdO, ks);
+        wgmma_commit();
+        wgmma_wait<1>();  // dP^T is in
+        fence_regs(dpt_f);
+        el.dS_of(st, dpt, keep, tDelta);
+#pragma unroll
+        for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
+        fence_regs(dk);
+        wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dk, ads[ks], tQ, ks);
         wgmma_commit();
@@ -150,7 +168,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dkdv_sm90_kern
 }
 
 template <class T, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dq_sm90_kernel(const KernelParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_dq_sm90_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBQ = Cfg::kBlock, kBK = Cfg::kStep, kThreads = Cfg::kThreads;
     constexpr int kKT = kBK / 8, kDT = kD / 8;
@@ -185,7 +203,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dq_sm90_kernel
     if (n_first < n_end) load_kv(n_first, 0);
     cp_async_commit();
 
-    const int qr = warp * 16;  // this warp's first query inside the block
+    const int qr = warp * 16;         // this warp's first query inside the block
+    const int wg_row = qr / 64 * 64;  // its warpgroup's
     float lse2[2], delta[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) std::tie(lse2[rr], delta[rr]) = row_lse_delta(p, s, b, h, m0 + qr + g + rr * 8);
@@ -202,25 +221,29 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dq_sm90_kernel
         const uint32_t tK = sK + stage * KTile::kBytes, tV = sV + stage * KTile::kBytes;
         const int64_t n0 = int64_t(n) * kBK;
 
-        // S = Q K^T and dP = dO V^T: the block's 64 queries x kBK keys.
+        // S = Q K^T and dP = dO V^T: the warpgroup's 64 queries x kBK keys; P is computed while
+        // dP is multiplied.
         float acc_s[kKT][4], acc_dp[kKT][4];
         float(&s_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_s);
         float(&dp_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_dp);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBK, false>(s_f, k_major<QTile>(sQ, 0, kk), k_major<KTile>(tK, 0, kk), kk > 0);
+            wgmma_ss<T, kBK, false>(s_f, k_major<QTile>(sQ, wg_row, kk), k_major<KTile>(tK, 0, kk), kk > 0);
+        wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBK, false>(dp_f, k_major<QTile>(sdO, 0, kk), k_major<KTile>(tV, 0, kk), kk > 0);
+            wgmma_ss<T, kBK, false>(dp_f, k_major<QTile>(sdO, wg_row, kk), k_major<KTile>(tV, 0, kk), kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+        wgmma_wait<1>();
         fence_regs(s_f);
+        const DqElems<kKT> el{p, s, mod, bh, m0, qr, n0};
+        const uint32_t keep = el.probs_of(tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, lse2);
+        wgmma_wait<0>();
         fence_regs(dp_f);
+        el.dS_of(acc_s, acc_dp, keep, delta);
 
-        dq_grads(p, s, mod, bh, m0, qr, n0, tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, acc_dp, lse2, delta);
-
-        // dQ += dS K.
+        // dQ += dS K (K an MN-major operand).
         uint32_t a[kBK / 16][4];
 #pragma unroll
         for (int ks = 0; ks < kBK / 16; ++ks) c_to_a<T>(a[ks], acc_dp[2 * ks], acc_dp[2 * ks + 1]);
@@ -242,21 +265,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) attention_bwd_dq_sm90_kernel
 #endif
 }
 
-template <class T, class Cfg>
+template <class T, class DkvCfg, class DqCfg>
 void launch_bwd(const KernelParams& p, cudaStream_t stream) {
     launch_bwd_delta<T>(p, stream);
-    const dim3 dkdv_grid(unsigned((p.Sk + Cfg::kBlock - 1) / Cfg::kBlock), unsigned(p.Hkv), unsigned(p.B));
+    const dim3 dkdv_grid(unsigned((p.Sk + DkvCfg::kBlock - 1) / DkvCfg::kBlock), unsigned(p.Hkv), unsigned(p.B));
     if ((p.dk || p.dv) && !empty_grid(dkdv_grid)) {
-        auto kernel = attention_bwd_dkdv_sm90_kernel<T, Cfg>;
-        set_smem(kernel, Cfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV, sm90)");
-        kernel<<<dkdv_grid, Cfg::kThreads, Cfg::kDkvSmem, stream>>>(p);
+        auto kernel = attention_bwd_dkdv_sm90_kernel<T, DkvCfg>;
+        set_smem(kernel, DkvCfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV, sm90)");
+        kernel<<<dkdv_grid, DkvCfg::kThreads, DkvCfg::kDkvSmem, stream>>>(p);
         check_cuda(cudaGetLastError(), "backward dK/dV kernel launch (sm90)");
     }
-    const dim3 dq_grid(unsigned((p.Sq + Cfg::kBlock - 1) / Cfg::kBlock), unsigned(p.Hq), unsigned(p.B));
+    const dim3 dq_grid(unsigned((p.Sq + DqCfg::kBlock - 1) / DqCfg::kBlock), unsigned(p.Hq), unsigned(p.B));
     if (p.dq && !empty_grid(dq_grid)) {
-        auto kernel = attention_bwd_dq_sm90_kernel<T, Cfg>;
-        set_smem(kernel, Cfg::kDqSmem, "cudaFuncSetAttribute (dQ, sm90)");
-        kernel<<<dq_grid, Cfg::kThreads, Cfg::kDqSmem, stream>>>(p);
+        auto kernel = attention_bwd_dq_sm90_kernel<T, DqCfg>;
+        set_smem(kernel, DqCfg::kDqSmem, "cudaFuncSetAttribute (dQ, sm90)");
+        kernel<<<dq_grid, DqCfg::kThreads, DqCfg::kDqSmem, stream>>>(p);
         check_cuda(cudaGetLastError(), "backward dQ kernel launch (sm90)");
     }
 }

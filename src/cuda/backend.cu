@@ -17,6 +17,9 @@ void check_cuda(cudaError_t status, const char* what) {
                                              cudaGetErrorString(status));
 }
 
+// The backward workspace's row pitch: whole 64-row steps of the dK/dV kernels copy from it.
+static int64_t workspace_pitch(int64_t sq) { return (sq + 63) / 64 * 64; }
+
 KernelParams make_kernel_params(const AttentionParams& a) {
     KernelParams p{};
     p.q = a.q, p.k = a.k, p.v = a.v, p.out = a.out, p.out_w = a.out, p.dout = a.dout;
@@ -35,7 +38,9 @@ KernelParams make_kernel_params(const AttentionParams& a) {
     p.q_pos = a.q_position_offset, p.k_pos = a.k_position_offset;
     p.dropout = a.dropout, p.keep_threshold = a.keep_threshold;
     p.rp_dropout = float(a.rp_dropout), p.seed = a.seed, p.offset = a.offset;
+    p.ws_pitch = workspace_pitch(a.Sq);
     p.delta = static_cast<float*>(a.workspace);
+    p.lse2 = p.delta + a.B * a.Hq * p.ws_pitch;
     return p;
 }
 
@@ -164,9 +169,9 @@ void attention_bwd(const AttentionParams& a) {
     (a.dtype == DType::f16 ? v.bwd_f16 : v.bwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 
-// delta = rowsum(dout * out): float32 (B, Hq, Sq).
+// delta and lse2, float32 (B, Hq, Sq rounded up to 64) each (KernelParams::delta).
 size_t bwd_workspace_size(const AttentionParams& p) {
-    return size_t(p.B * p.Hq * p.Sq) * sizeof(float);
+    return size_t(2 * p.B * p.Hq * workspace_pitch(p.Sq)) * sizeof(float);
 }
 
 }  // namespace

@@ -26,7 +26,12 @@ struct KernelParams {
     void* dk;
     void* dv;
     float* lse;
-    float* delta;  // backward workspace: rowsum(dout * out), (B, Hq, Sq) contiguous
+    // Backward workspace (bwd_workspace_size): per (batch, head) a row of ws_pitch floats (Sq
+    // rounded up to 64) of delta = rowsum(dout * out), then the same of lse2 = lse * log2(e);
+    // entries past a sequence's end hold delta 0, lse2 +inf (so that P = 0 there).
+    float* delta;
+    float* lse2;
+    int64_t ws_pitch;
     Strides q_st, k_st, v_st, out_st, dout_st, dq_st, dk_st, dv_st;
     LseStrides lse_st;
     const int32_t* cu_q;  // varlen: nullptr when padded
