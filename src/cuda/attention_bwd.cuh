@@ -146,6 +146,25 @@ __device__ __forceinline__ void grads(const ScoreMod& mod, const float (&s)[kTil
         }
 }
 
+// Phase 1 on kTiles C tiles whose element (tile, c) is (query, key) ij(tile, c): the score
+// transform and mask, the dropout keep bits (returned), then probs(). lse2_of as in probs().
+template <int kTiles, class IJ, class Lse>
+__device__ __forceinline__ uint32_t tile_probs(const KernelParams& p, const Seq& s, const ScoreMod& mod,
+                                               int64_t bh, bool full, float (&sc)[kTiles][4],
+                                               float (&pz)[kTiles][4], IJ ij, Lse lse2_of) {
+    transform_and_mask(p, s, mod, full, sc, ij);
+    const uint32_t keep = p.dropout ? keep_bits<kTiles>(p, bh, ij) : ~0u;
+    auto dist = [&](int tile, int c) {
+        const auto [i, j] = ij(tile, c);
+        return i + s.diag - j;
+    };
+    if (mod.softcap > 0.f)
+        probs<kTiles, true>(mod, sc, pz, keep, p.rp_dropout, lse2_of, dist);
+    else
+        probs<kTiles, false>(mod, sc, pz, keep, p.rp_dropout, lse2_of, dist);
+    return keep;
+}
+
 // Row i's lse (log2 units) and delta; rows past the end get lse = +inf (so p = 0) and delta 0.
 __device__ __forceinline__ std::pair<float, float> row_lse_delta(const KernelParams& p, const Seq& s, int b,
                                                                  int h, int64_t i) {
@@ -171,8 +190,8 @@ __device__ __forceinline__ void load_lse_delta_async(const KernelParams& p, int 
 // The elementwise part of a dK/dV step on a warp's C tiles, shared by the mma.sync and the wgmma
 // kernels; st = S^T and dpt = dP^T of its 16 keys n0 + kr.. (rows) x kQT * 8 queries m0..
 // (columns); tLse / tDelta: the step's queries; `full`: the block's tile is fully visible.
-// Phase 1 (dkdv_probs): st in, pz = P z and st = probs()'s dS factor out; returns the keep bits.
-// Phase 2 (dkdv_dS): dpt <- the scaled dS.
+// Phase 1 (probs_of): st in, pz = P z and st = probs()'s dS factor out; returns the keep bits.
+// Phase 2 (dS_of): dpt <- the scaled dS.
 template <int kQT>
 struct DkdvElems {
     const KernelParams& p;
@@ -189,19 +208,8 @@ struct DkdvElems {
 
     __device__ __forceinline__ uint32_t probs_of(bool full, float (&st)[kQT][4], float (&pz)[kQT][4],
                                                  const float* tLse) const {
-        auto at = [&](int qt, int c) { return ij(qt, c); };
-        transform_and_mask(p, s, mod, full, st, at);
-        const uint32_t keep = p.dropout ? keep_bits<kQT>(p, bh, at) : ~0u;
-        auto lse2_of = [&](int qt, int c) { return tLse[col(qt, c)]; };
-        auto dist = [&](int qt, int c) {
-            const auto [i, j] = ij(qt, c);
-            return i + s.diag - j;
-        };
-        if (mod.softcap > 0.f)
-            probs<kQT, true>(mod, st, pz, keep, p.rp_dropout, lse2_of, dist);
-        else
-            probs<kQT, false>(mod, st, pz, keep, p.rp_dropout, lse2_of, dist);
-        return keep;
+        return tile_probs(p, s, mod, bh, full, st, pz, [&](int qt, int c) { return ij(qt, c); },
+                          [&](int qt, int c) { return tLse[col(qt, c)]; });
     }
     __device__ __forceinline__ void dS_of(const float (&st)[kQT][4], float (&dpt)[kQT][4], uint32_t keep,
                                           const float* tDelta) const {
@@ -225,20 +233,9 @@ struct DqElems {
         return {m0 + qr + lane / 4 + 8 * (c / 2), n0 + nt * 8 + 2 * (lane % 4) + c % 2};
     }
     __device__ __forceinline__ uint32_t probs_of(bool full, float (&acc_s)[kKT][4], const float (&lse2)[2]) const {
-        auto at = [&](int nt, int c) { return ij(nt, c); };
-        transform_and_mask(p, s, mod, full, acc_s, at);
-        const uint32_t keep = p.dropout ? keep_bits<kKT>(p, bh, at) : ~0u;
-        auto lse2_of = [&](int, int c) { return lse2[c / 2]; };
-        auto dist = [&](int nt, int c) {
-            const auto [i, j] = ij(nt, c);
-            return i + s.diag - j;
-        };
-        float pz[kKT][4];  // unused here: the compiler drops it
-        if (mod.softcap > 0.f)
-            probs<kKT, true>(mod, acc_s, pz, keep, p.rp_dropout, lse2_of, dist);
-        else
-            probs<kKT, false>(mod, acc_s, pz, keep, p.rp_dropout, lse2_of, dist);
-        return keep;
+        float pz[kKT][4];  // P z is not needed here: the compiler drops it
+        return tile_probs(p, s, mod, bh, full, acc_s, pz, [&](int nt, int c) { return ij(nt, c); },
+                          [&](int, int c) { return lse2[c / 2]; });
     }
     __device__ __forceinline__ void dS_of(const float (&acc_s)[kKT][4], float (&acc_dp)[kKT][4], uint32_t keep,
                                           const float (&delta)[2]) const {
