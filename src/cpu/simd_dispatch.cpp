@@ -40,12 +40,17 @@ SimdLevel cap_from_env(SimdLevel level) {
 
 }  // namespace
 
+SimdLevel detected_simd_level() {
+    static const SimdLevel level = detect();
+    return level;
+}
+
 // AMX is opt-in (ORCHARD_CPU_SIMD=amx) until the attention kernels have run end to end on an AMX
 // machine: its GEMM passed on one, but a dispatch-count test still failed there (2026-12-02,
 // docs/cpu_backend.md). Without the opt-in an AMX CPU runs at avx512_bf16, i.e. the fp32 kernels.
 SimdLevel simd_level() {
     static const SimdLevel level = [] {
-        SimdLevel detected = detect();
+        SimdLevel detected = detected_simd_level();
         const char* env = std::getenv("ORCHARD_CPU_SIMD");
         if (detected == SimdLevel::amx && (env == nullptr || std::strcmp(env, "amx") != 0))
             detected = SimdLevel::avx512_bf16;

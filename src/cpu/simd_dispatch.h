@@ -18,6 +18,9 @@ enum class SimdLevel { baseline, sse4, avx2, avx512, avx512_bf16, amx };
 // bf16 GEMMs altogether); it never raises it above what the CPU has.
 SimdLevel simd_level();
 
+// What the CPU and OS support, before ORCHARD_CPU_SIMD and the AMX opt-in.
+SimdLevel detected_simd_level();
+
 const char* to_string(SimdLevel level);
 
 // Whether bf16 inputs run their block GEMMs on bf16 operands (gemm_bf16.h) rather than converted

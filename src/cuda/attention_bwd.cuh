@@ -1,13 +1,15 @@
 // The CUDA backward kernels (sm_80+), deterministic by construction (no atomics):
-//   1. preprocess: delta = rowsum(dO * O) per (batch, head, row), into the caller's workspace;
+//   1. preprocess: delta = rowsum(dO * O) and lse * log2(e) per (batch, head, row), into the
+//      caller's workspace;
 //   2. dK/dV: one block per (key block, kv head, batch), looping over the query blocks of every
 //      query head of its GQA group, so dK/dV of a kv head are summed in registers;
 //   3. dQ: one block per (query block, head, batch), looping over key blocks.
 // Splitting dQ from dK/dV recomputes S and dP (7 matmuls instead of FlashAttention 2's 5), the
 // design metal-flash-attention uses for GPUs without float atomics. A variant adding dQ with fp32
 // atomics from the dK/dV kernel (FlashAttention 2's way) measured slower on the H200 (hdim 128,
-// 16k: 137 against 188 TFLOP/s; docs/PERFORMANCE.md), so there is one backward and
-// `deterministic` changes nothing.
+// 16k: 137 against 188 TFLOP/s), as did, on the Hopper kernels, element-wise atomics from 64-key
+// blocks and TMA bulk reductions from 128-key blocks (docs/PERFORMANCE.md); so there is one
+// backward and `deterministic` changes nothing.
 #pragma once
 
 #include <cmath>
