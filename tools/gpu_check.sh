@@ -40,7 +40,7 @@ for what in "${@:-all}"; do
             step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 "$tests" \
                 --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*hdim96_float16*:Cuda/*hdim128_mqa*bfloat16*:CudaWide/*varlen_d64_float16*' ;;&
         cpu | all)  # the CPU kernels on this host's CPU (AMX where it has it), C++ and Python
-            step cpu_cases env ORCHARD_CPU_SIMD=amx "$tests" --gtest_brief=1 \
+            step cpu_cases "$tests" --gtest_brief=1 \
                 --gtest_filter='Cases*:Float64*:Determinism*:Backward*:SimdDispatch*:GemmBf16*:PositionOffsets*'
             step py_all python3 -m pytest -q -x tests/python -m "not inductor" -p no:cacheprovider ;;&
         demo | all)

@@ -45,17 +45,11 @@ SimdLevel detected_simd_level() {
     return level;
 }
 
-// AMX is opt-in (ORCHARD_CPU_SIMD=amx) until the attention kernels have run end to end on an AMX
-// machine: its GEMM passed on one, but a dispatch-count test still failed there (2026-12-02,
-// docs/cpu_backend.md). Without the opt-in an AMX CPU runs at avx512_bf16, i.e. the fp32 kernels.
+// AMX was opt-in until the suite had passed on an AMX machine; it did on 2026-12-02 (the H200
+// host's Xeon: the C++ case list with bf16 on tiles, docs/cpu_backend.md), so it is on wherever
+// the CPU and OS grant it.
 SimdLevel simd_level() {
-    static const SimdLevel level = [] {
-        SimdLevel detected = detected_simd_level();
-        const char* env = std::getenv("ORCHARD_CPU_SIMD");
-        if (detected == SimdLevel::amx && (env == nullptr || std::strcmp(env, "amx") != 0))
-            detected = SimdLevel::avx512_bf16;
-        return cap_from_env(detected);
-    }();
+    static const SimdLevel level = cap_from_env(detected_simd_level());
     return level;
 }
 

@@ -18,7 +18,7 @@ enum class SimdLevel { baseline, sse4, avx2, avx512, avx512_bf16, amx };
 // bf16 GEMMs altogether); it never raises it above what the CPU has.
 SimdLevel simd_level();
 
-// What the CPU and OS support, before ORCHARD_CPU_SIMD and the AMX opt-in.
+// What the CPU and OS support, before ORCHARD_CPU_SIMD.
 SimdLevel detected_simd_level();
 
 const char* to_string(SimdLevel level);
