@@ -150,7 +150,7 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
                       p.dout_st.s, p.dout_st.d, rows, p.Dv, ldv);
             load_row_stats(p, dsum, b, h, i0, rows, rows, lse.get(), di.get());
             gemm<false>(rows, ldk, p.D, q.get(), ldd, 1, kt.get(), ldk, w.s.get(), ldk);
-            finish_scores<Orient::q_rows>(p, slope, g, w.s.get(), w.t.get(), ldk,
+            finish_scores<Orient::q_rows>(p, slope, g, w.s.get(), w.t.get(), ldk, ldk,
                                           score_prescale<A>(p));
             gemm<false>(rows, ldk, p.Dv, dout.get(), ldv, 1, vt.get(), ldk, w.dp.get(), ldk);
             const A* pd = probs_and_ds<Orient::q_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldk);
@@ -212,7 +212,7 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
             in_place_or_packed(at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d, cols,
                                p.Dv, vb.get());
         gemm<false>(cols, ldq, p.D, k.get(), ldd, 1, qt.get(), ldq, w.s.get(), ldq);
-        finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq,
+        finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq, ldq,
                                       score_prescale<A>(p));
         gemm<false>(cols, ldq, p.Dv, va.data, va.s_row, va.s_col, dot.get(), ldq, w.dp.get(), ldq);
         probs_and_ds<Orient::k_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldq);
@@ -275,7 +275,7 @@ inline void dkdv_task_bf16(const AttentionParams& p, const TileSize& ts, const f
                            p.dout_st.s, p.dout_st.d, rows, p.Dv, dvp);
             load_row_stats(p, dsum, b, h, i0, rows, rows, lse.get(), di.get());
             gemm_bf16(false, rows, ldk, dp / 2, q.get(), dp, kt.get(), ldk, w.s.get(), ldk);
-            finish_scores<Orient::q_rows>(p, slope, g, w.s.get(), w.t.get(), ldk,
+            finish_scores<Orient::q_rows>(p, slope, g, w.s.get(), w.t.get(), ldk, ldk,
                                           score_prescale<float>(p));
             gemm_bf16(false, rows, ldk, dvp / 2, dout.get(), dvp, vt.get(), ldk, w.dp.get(), ldk);
             const float* pd = probs_and_ds<Orient::q_rows>(p, b * p.Hq + h, g, lse.get(),
@@ -348,7 +348,7 @@ inline void dq_task_bf16(const AttentionParams& p, const TileSize& ts, const flo
         pack_bf16_rows(v.get(), dvp, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
                        cols, p.Dv, dvp);
         gemm_bf16(false, cols, ldq, dp / 2, k.get(), dp, qt.get(), ldq, w.s.get(), ldq);
-        finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq,
+        finish_scores<Orient::k_rows>(p, slope, g, w.s.get(), w.t.get(), ldq, ldq,
                                       score_prescale<float>(p));
         gemm_bf16(false, cols, ldq, dvp / 2, v.get(), dvp, dot.get(), ldq, w.dp.get(), ldq);
         probs_and_ds<Orient::k_rows>(p, b * p.Hq + h, g, lse.get(), di.get(), w, ldq);

@@ -24,17 +24,18 @@
 HWY_BEFORE_NAMESPACE();
 namespace orchard::cpu::HWY_NAMESPACE {
 
-// Online softmax over the keys of S^T (n_keys, ld), the scores being `pre` times the tile's
-// values (pre > 0; 1 when they are finished scores): updates the running max m and sum l of every
-// query (vectors over ld), turns the tile into P^T = exp(pre S^T - m_new) and returns in `alpha`
-// the factor exp(m_old - m_new) that rescales each query's accumulator.
+// Online softmax over the keys of S^T (n_keys, width), rows ld apart, the scores being `pre`
+// times the tile's values (pre > 0; 1 when they are finished scores): updates the running max m
+// and sum l of every query (vectors over width), turns the tile into P^T = exp(pre S^T - m_new)
+// and returns in `alpha` the factor exp(m_old - m_new) that rescales each query's accumulator.
 template <class A>
-void softmax_update(A* st, int64_t n_keys, int64_t ld, A pre_factor, A* m, A* l, A* alpha) {
+void softmax_update(A* st, int64_t n_keys, int64_t width, int64_t ld, A pre_factor, A* m, A* l,
+                    A* alpha) {
     const hn::ScalableTag<A> d;
     const int64_t L = hn::Lanes(d);
     const auto neg_inf = hn::Set(d, -std::numeric_limits<A>::infinity());
     const auto pre = hn::Set(d, pre_factor);
-    for (int64_t y = 0; y < ld; y += L) {
+    for (int64_t y = 0; y < width; y += L) {
         const auto m_old = hn::LoadU(d, m + y);
         auto x_max = neg_inf;
         for (int64_t x = 0; x < n_keys; ++x) x_max = hn::Max(x_max, hn::LoadU(d, st + x * ld + y));
@@ -84,9 +85,9 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
     const int64_t fq = p.first_q(b), fk = p.first_k(b);
     const int64_t bk = ts.block_k, ldq = round_up(rows, L), ldv = round_up(p.Dv, L);
 
-    // Tiles: qt (D, ldq), k (bk, D) when converting, v (bk, ldv), st (bk, ldq), acc (rows, ldv).
+    // Tiles: qt (D, ldq), k (bk, D), v (bk, ldv), st (bk, ldq), acc (rows, ldv).
     auto qt = alloc_tile<A>(p.D * ldq);
-    auto kb = alloc_tile<A>(std::is_same_v<T, A> ? 0 : bk * p.D);
+    auto kb = alloc_tile<A>(bk * p.D);
     auto v = alloc_tile<A>(bk * ldv);
     auto st = alloc_tile<A>(bk * ldq);
     auto acc = alloc_tile<A>(rows * ldv);
@@ -106,23 +107,30 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
 
     for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
         const int64_t cols = std::min(bk, keys.hi - j0);
-        const TileGeom g{i0, rows, j0, cols, diag};
-        // S^T = k q^T, k read in place when no conversion is needed (any strides).
-        const ElementOperand<A> ka =
-            in_place_or_packed(at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d, cols,
-                               p.D, kb.get());
+        // Only the queries [y0, y0 + n) of the block that see a key of this block take part
+        // (the causal diagonal and window edges leave the others out of both GEMMs).
+        const QueryCols qc = query_cols(p, i0, rows, j0, cols, diag, L, ldq);
+        const int64_t y0 = qc.y0, n = qc.width;
+        const TileGeom& g = qc.g;
+        // S^T = k q^T.
+        // k is packed even when it could be read in place: its rows lie H * D apart in a
+        // (B, S, H, D) tensor, often a multiple of 4 KiB, and the GEMM's 6 rows would share L1
+        // sets (packing was 0-20% faster).
+        pack_rows(kb.get(), p.D, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
+                  cols, p.D, p.D);
         pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
                   cols, p.Dv, ldv);
-        gemm<false>(cols, ldq, p.D, ka.data, ka.s_row, ka.s_col, qt.get(), ldq, st.get(), ldq);
+        A* s_t = st.get() + y0;
+        gemm<false>(cols, n, p.D, kb.get(), p.D, 1, qt.get() + y0, ldq, s_t, ldq);
         if (p.softcap > 0 || slope != A(0) || !fully_visible(p, g))
-            finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<A*>(nullptr), ldq,
+            finish_scores<Orient::k_rows>(p, slope, g, s_t, static_cast<A*>(nullptr), n, ldq,
                                           A(1));
-        softmax_update(st.get(), cols, ldq, A(1), m.get(), l.get(), alpha.get());
-        if (p.dropout)
-            apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, st.get(), st.get(), ldq);
+        softmax_update(s_t, cols, n, ldq, A(1), m.get() + y0, l.get() + y0, alpha.get() + y0);
+        if (p.dropout) apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, s_t, s_t, ldq);
         // acc (rows, Dv) = diag(alpha) acc + P (rows, cols) v (cols, Dv), P read from P^T: the
         // online softmax's rescale rides on the GEMM's load of acc.
-        gemm<true>(rows, ldv, cols, st.get(), 1, ldq, v.get(), ldv, acc.get(), ldv, alpha.get());
+        gemm<true>(g.rows, ldv, cols, s_t, 1, ldq, v.get(), ldv, acc.get() + y0 * ldv, ldv,
+                   alpha.get() + y0);
     }
 
     store_out_lse<T>(p, b, h, i0, rows, m.get(), l.get(),
@@ -179,10 +187,10 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const Pa
         float pre = score_prescale<float>(p);
         if (p.softcap > 0 || slope != 0.f || !fully_visible(p, g)) {
             finish_scores<Orient::k_rows>(p, slope, g, st.get(), static_cast<float*>(nullptr),
-                                          ldq, pre);
+                                          ldq, ldq, pre);
             pre = 1.f;
         }
-        softmax_update(st.get(), cols, ldq, pre, m.get(), l.get(), alpha.get());
+        softmax_update(st.get(), cols, ldq, ldq, pre, m.get(), l.get(), alpha.get());
         if (p.dropout)
             apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, st.get(), st.get(), ldq);
         // acc^T (Dv, ldq) = acc^T diag(alpha) + v^T (Dv, cols) P^T (cols, ldq), P^T in bf16.
@@ -196,18 +204,18 @@ inline void fwd_task_bf16(const AttentionParams& p, const TileSize& ts, const Pa
 
 template <class T>
 void fwd_typed(const AttentionParams& p) {
-    const TileSize ts = tile_size(p.D, p.Dv);
-    const int64_t nb = ceil_div(p.Sq, ts.block_q);
-    // Later query blocks see more keys under causal masks: hand them out first.
-    const int64_t heads = p.B * p.Hq;
     constexpr bool kBf16 = std::is_same_v<T, bfloat16_t>;
     const bool bf16_dot = kBf16 && bf16_gemms();
+    const TileSize ts = bf16_dot ? tile_size(p.D, p.Dv) : fwd_tile_size(p.D, p.Dv);
+    const int64_t nb = ceil_div(p.Sq, ts.block_q);
     if (bf16_dot) ++bf16_gemm_calls(simd_level() >= SimdLevel::amx);
     // v^T once per call (the size of v), so that query blocks do not each transpose it again.
     const PackedT vt = bf16_dot ? pack_heads_transposed(p, p.v, p.v_st, p.Hkv, p.Dv, p.Sk, true)
                                 : PackedT{};
     auto task = [&](int64_t t) {
-        const int64_t mb = nb - 1 - t / heads, bh = t % heads;
+        // One head after the other, so that the threads share its k and v in cache; within a
+        // head the later query blocks first: under causal masks they see the most keys.
+        const int64_t bh = t / nb, mb = nb - 1 - t % nb;
         if (bf16_dot)
             fwd_task_bf16(p, ts, vt, bh / p.Hq, bh % p.Hq, mb);
         else
