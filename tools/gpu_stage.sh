@@ -12,5 +12,10 @@ mkdir -p .gpu/site
 cp build-gpu/tests/cpp/orchard_tests .gpu/
 cp -r python/orchard .gpu/site/
 cp build-gpu/bindings/torch/_orchard_ops.so .gpu/site/orchard/
+# The MSL sources where an installed package has them (bindings/torch/CMakeLists.txt).
+mkdir -p .gpu/site/orchard/metal_src/metal .gpu/site/orchard/metal_src/core
+cp src/metal/kernel_params.h src/metal/attention_common.h src/metal/attention_fwd.metal \
+    src/metal/attention_bwd.metal .gpu/site/orchard/metal_src/metal/
+cp src/core/philox.h src/core/mask.h .gpu/site/orchard/metal_src/core/
 find .gpu/site -name __pycache__ -prune -exec rm -rf {} +
 du -sh .gpu

@@ -35,7 +35,12 @@ def _init(args) -> torch.device:
                         f"--nproc-per-node 2 -m orchard demo --parallel {args.parallel}`")
     device = pick_device(args.device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise DemoError(f"--parallel {args.parallel} on cuda needs a GPU per process: local "
+                            f"rank {local_rank}, {gpus} GPU(s) on this host (--device cpu runs "
+                            f"the processes on the CPU)")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise DemoError(f"--parallel needs cpu or cuda devices, not {device}")
