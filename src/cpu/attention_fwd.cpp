@@ -112,10 +112,9 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
         const QueryCols qc = query_cols(p, i0, rows, j0, cols, diag, L, ldq);
         const int64_t y0 = qc.y0, n = qc.width;
         const TileGeom& g = qc.g;
-        // S^T = k q^T.
-        // k is packed even when it could be read in place: its rows lie H * D apart in a
-        // (B, S, H, D) tensor, often a multiple of 4 KiB, and the GEMM's 6 rows would share L1
-        // sets (packing was 0-20% faster).
+        // S^T = k q^T. k is packed even when it could be read in place: its rows lie H * D
+        // apart in a (B, S, H, D) tensor, often a multiple of 4 KiB, and the GEMM's 6 rows would
+        // share L1 sets (packing was 0-20% faster).
         pack_rows(kb.get(), p.D, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
                   cols, p.D, p.D);
         pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,

@@ -142,8 +142,9 @@ inline QueryCols query_cols(const AttentionParams& p, int64_t i0, int64_t rows, 
                             int64_t cols, int64_t diag, int64_t lanes, int64_t ld) {
     const Span qs = queries_seeing(j0, j0 + cols, diag, p.window_left, p.window_right, i0 + rows);
     const int64_t y0 = std::max<int64_t>(qs.lo - i0, 0) / lanes * lanes;
-    const int64_t y1 = std::max(y0, std::min(ld, (qs.hi - i0 + lanes - 1) / lanes * lanes));
-    return {y0, y1 - y0, TileGeom{i0 + y0, std::max<int64_t>(std::min(rows, y1) - y0, 0), j0, cols, diag}};
+    const int64_t y1 = std::max(y0, std::min(ld, round_up(qs.hi - i0, lanes)));
+    const int64_t n_rows = std::max<int64_t>(std::min(rows, y1) - y0, 0);
+    return {y0, y1 - y0, TileGeom{i0 + y0, n_rows, j0, cols, diag}};
 }
 
 // A score tile is stored with queries along its rows (q_rows: (rows, ld), vectors run over
