@@ -19,7 +19,7 @@
 
 namespace orchard::cuda::sm90 {
 
-// kD = 64, 96 or 128: dK and dV accumulators take kD registers a thread (larger head dims stay
+// kD = 64, 80, 96 or 128: dK and dV accumulators take kD registers a thread (larger head dims stay
 // on mma.sync). A block is kWG warpgroups, each owning 64 of the block's keys (dK/dV) or queries
 // (dQ); the warpgroups share the step's tiles (64 queries or keys). kMinBlocks: blocks an SM
 // should hold (the register cap, __launch_bounds__). Which shape runs per head dim: run_bwd.
@@ -27,7 +27,7 @@ template <int kD_, int kWG_ = 1, int kMinBlocks_ = 2>
 struct BwdConfig {
     static constexpr int kD = kD_, kWG = kWG_, kMinBlocks = kMinBlocks_;
     static constexpr int kBlock = 64 * kWG, kStep = 64, kThreads = 128 * kWG;
-    static_assert(kD == 64 || kD == 96 || kD == 128);
+    static_assert(kD == 64 || kD == 80 || kD == 96 || kD == 128);
     using BlockTile = SwizzledTile<kBlock, kD>;  // the block's K, V (dK/dV) or Q, dO (dQ)
     using StepTile = SwizzledTile<kStep, kD>;    // a step's Q, dO (dK/dV) or K, V (dQ)
     // Block tiles, two stages of two step tiles, (dK/dV) two stages of lse and delta, alignment.
@@ -37,12 +37,14 @@ struct BwdConfig {
 
 // The shapes per head dim, measured on the H200 (bf16, FlashAttention's benchmark shapes, same
 // run): at 64 a dQ kernel capped to three blocks an SM (163 registers, no spill) ran 3-7% faster
-// than with two; at 96 (Phi-2) two warpgroups a block for both kernels ran 2-5% faster; at 128
-// the one-warpgroup blocks were fastest up to 4k (two-warpgroup dK/dV blocks won by 2-3% at 16k).
+// than with two; at 80 (Phi-2) the same shape ran 1-8% faster causal than two-warpgroup blocks
+// (docs/bench/cuda-hd80-shapes-2026-12-02.txt); at 96 two warpgroups a block for both kernels ran
+// 2-5% faster; at 128 the one-warpgroup blocks were fastest up to 4k (two-warpgroup dK/dV
+// blocks won by 2-3% at 16k).
 template <int kD>
 struct BwdShapes {
     using Dkv = std::conditional_t<kD == 96, BwdConfig<kD, 2, 1>, BwdConfig<kD>>;
-    using Dq = std::conditional_t<kD == 96, BwdConfig<kD, 2, 1>, BwdConfig<kD, 1, kD == 64 ? 3 : 2>>;
+    using Dq = std::conditional_t<kD == 96, BwdConfig<kD, 2, 1>, BwdConfig<kD, 1, kD <= 80 ? 3 : 2>>;
 };
 
 template <class T, class Cfg>

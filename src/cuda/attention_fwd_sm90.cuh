@@ -11,7 +11,7 @@
 
 namespace orchard::cuda::sm90 {
 
-// kD = 64, 96, 128 or 256; kWG warpgroups of 64 query rows per block, kBN keys per tile.
+// kD = 64, 80, 96, 128 or 256; kWG warpgroups of 64 query rows per block, kBN keys per tile.
 // Defaults: 128 keys per tile up to kD = 128 (score and output accumulators: 64 + 64 registers a
 // thread); 64 past it, where the output alone takes kD / 2. At kD = 64 one warpgroup (and 80 KB
 // of shared memory) lets two blocks share an SM, so that one block's loads and softmax overlap the
@@ -141,6 +141,9 @@ void launch_fwd(const KernelParams& p, cudaStream_t stream) {
 // (two blocks an SM: one's prologue and epilogue overlap the other's products) ran 1-10% faster
 // (512-2048 keys, causal and not); past that the default shape was as fast or faster (StarCoder2-3B
 // at 16k: 387 against 369 TFLOP/s).
+// At kD = 80 the default shape ran as fast as two-warpgroup 64-key blocks two an SM (which spill)
+// and 6-12% faster than one-warpgroup blocks, except 2% slower than 64-key ones at 1k keys
+// (docs/bench/cuda-hd80-shapes-2026-12-02.txt).
 template <class T, int kD>
 void run_fwd(const KernelParams& p, cudaStream_t stream) {
     if constexpr (kD == 128) {

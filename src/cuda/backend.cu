@@ -62,12 +62,12 @@ constexpr Variant kVariants[] = {
 
 constexpr int kMaxHeadDim = 256;
 
-int padded_head_dim(int64_t d) { return int((d + 31) / 32 * 32); }
-
+// Head dim d runs the smallest built variant at or above it; columns past d are zero-filled.
 const Variant* find_variant(int64_t d) {
+    const Variant* best = nullptr;
     for (const Variant& v : kVariants)
-        if (v.hd == padded_head_dim(d)) return &v;
-    return nullptr;
+        if (v.hd >= d && (best == nullptr || v.hd < best->hd)) best = &v;
+    return best;
 }
 
 std::string built_head_dims() {
@@ -94,9 +94,8 @@ BackendSupport supports(const AttentionParams& p, Direction direction) {
         return no("supports head dims that are multiples of 8 up to " + std::to_string(kMaxHeadDim) +
                   " but got " + std::to_string(p.D));
     if (!find_variant(p.D))
-        return no("was built without kernels for head dim " + std::to_string(p.D) + " (padded to " +
-                  std::to_string(padded_head_dim(p.D)) + "; built: " + built_head_dims() +
-                  "; see ORCHARD_CUDA_HEADDIMS)");
+        return no("was built without kernels for head dim " + std::to_string(p.D) +
+                  " or a larger one (built: " + built_head_dims() + "; see ORCHARD_CUDA_HEADDIMS)");
     if (p.B > 65535 || p.Hq > 65535)
         return no("supports batch and head counts up to 65535 but got B = " + std::to_string(p.B) +
                   ", Hq = " + std::to_string(p.Hq));

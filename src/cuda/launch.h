@@ -8,7 +8,7 @@
 
 namespace orchard::cuda {
 
-// kD is the head dim rounded up to a multiple of 32; columns past D are zero-filled.
+// kD is a built head dim at or above D (ORCHARD_CUDA_HEADDIMS); columns past D are zero-filled.
 template <class T, int kD>
 void run_fwd(const KernelParams& p, cudaStream_t stream);
 template <class T, int kD>

@@ -24,18 +24,18 @@ template <int kD>
 using BwdConfigFor = std::conditional_t<(kD <= 128), BwdConfig<kD, 64, 64>, BwdConfig<kD, 64, 32>>;
 
 // On Hopper (p.sm90) the wgmma kernels take the head dims whose tiles and products they have:
-// 64, 96, 128 and 256 (forward), 64, 96 and 128 (backward), in the shapes that measured fastest
-// on the H200 (sm90::FwdShape, sm90::BwdShapes; docs/PERFORMANCE.md).
+// 64, 80, 96, 128 and 256 (forward), 64, 80, 96 and 128 (backward), in the shapes that measured
+// fastest on the H200 (sm90::run_fwd, sm90::BwdShapes; docs/PERFORMANCE.md).
 template <class T, int kD>
 void run_fwd(const KernelParams& p, cudaStream_t stream) {
-    if constexpr (kD == 64 || kD == 96 || kD == 128 || kD == 256)
+    if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128 || kD == 256)
         if (p.sm90) return sm90::run_fwd<T, kD>(p, stream);
     launch_fwd<T, FwdConfigFor<kD>>(p, stream);
 }
 
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream) {
-    if constexpr (kD == 64 || kD == 96 || kD == 128)
+    if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128)
         if (p.sm90) {
             using Shapes = sm90::BwdShapes<kD>;
             return sm90::launch_bwd<T, typename Shapes::Dkv, typename Shapes::Dq>(p, stream);

@@ -7,14 +7,16 @@
 // element e. A taken from registers has the mma.m16n8k16 A layout, so c_to_a() turns a score
 // accumulator into the next product's A operand here too.
 //
-// Shared-memory tiles (`SwizzledTile`): kRows x kD elements of 16 bits, kD a multiple of 32,
-// stored as kD / 64 column stacks of kRows x 64 elements (128 bytes a row) and, when kD is an odd
-// multiple of 32, a last stack of kRows x 32 (64 bytes a row). Inside a 64-column stack row r's
-// 16-byte piece c sits at r * 128 + (c ^ r % 8) * 16, inside the 32-column one at
-// r * 64 + (c ^ r / 2 % 4) * 16: the 128- and 64-byte swizzles of wgmma's canonical layouts.
-// cp.async writes and wgmma reads of them are free of bank conflicts, and the same tile serves as
-// a K-major operand (rows = M or N, columns = K: Q, K, V, dO in S = Q K^T) and as an MN-major one
-// (rows = K, columns = N: V in O = P V, dO and Q in the dV / dK products).
+// Shared-memory tiles (`SwizzledTile`): kRows x kD elements of 16 bits, kD a multiple of 16,
+// stored as kD / 64 column stacks of kRows x 64 elements (128 bytes a row), then as kD's remainder
+// needs a stack of kRows x 32 (64 bytes a row) and one of kRows x 16 (32 bytes a row): 80 = 64 + 16,
+// 96 = 64 + 32, 112 = 64 + 32 + 16. Row r's 16-byte piece c sits at r * 128 + (c ^ r % 8) * 16 in a
+// 64-column stack, at r * 64 + (c ^ r / 2 % 4) * 16 in the 32-column one and at
+// r * 32 + (c ^ r / 4 % 2) * 16 in the 16-column one: the 128-, 64- and 32-byte swizzles of
+// wgmma's canonical layouts. cp.async writes and wgmma reads of them are free of bank conflicts,
+// and the same tile serves as a K-major operand (rows = M or N, columns = K: Q, K, V, dO in
+// S = Q K^T) and as an MN-major one (rows = K, columns = N: V in O = P V, dO and Q in the dV / dK
+// products).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,16 +32,21 @@ namespace orchard::cuda::sm90 {
 template <int kRows_, int kD_>
 struct SwizzledTile {
     static constexpr int kRows = kRows_, kD = kD_;
-    static_assert(kD % 32 == 0 && kRows % 64 == 0);
-    static constexpr int kFull = kD / 64 * 64;  // columns in 128-byte-row stacks
-    static constexpr bool kHalf = kD % 64 != 0;  // a last 32-column stack
+    static_assert(kD % 16 == 0 && kRows % 64 == 0);
+    static constexpr int kFull = kD / 64 * 64;       // columns in 128-byte-row stacks
+    static constexpr bool kHalf = kD % 64 >= 32;     // a 32-column stack (columns kFull..)
+    static constexpr bool kQuarter = kD % 32 != 0;   // a 16-column stack (the last 16 columns)
     static constexpr int kStackBytes = kRows * 128;
-    static constexpr int kHalfStart = kFull / 64 * kStackBytes;  // byte offset of the last stack
-    static constexpr int kBytes = kHalfStart + (kHalf ? kRows * 64 : 0);
+    static constexpr int kHalfStart = kFull / 64 * kStackBytes;  // byte offsets of the narrow stacks
+    static constexpr int kQuarterStart = kHalfStart + (kHalf ? kRows * 64 : 0);
+    static constexpr int kBytes = kQuarterStart + (kQuarter ? kRows * 32 : 0);
 
     // Byte offset of element (r, col), col a multiple of 8.
     static __device__ __forceinline__ uint32_t offset(int r, int col) {
-        if (kHalf && col >= kFull) return uint32_t(kHalfStart + r * 64 + ((((col - kFull) / 8) ^ (r / 2 % 4)) * 16));
+        if (kQuarter && col >= kD - 16)
+            return uint32_t(kQuarterStart + r * 32 + ((((col - (kD - 16)) / 8) ^ (r / 4 % 2)) * 16));
+        if (kHalf && col >= kFull)
+            return uint32_t(kHalfStart + r * 64 + ((((col - kFull) / 8) ^ (r / 2 % 4)) * 16));
         return uint32_t((col / 64) * kStackBytes + r * 128 + ((((col % 64) / 8) ^ (r % 8)) * 16));
     }
 };
@@ -69,19 +76,22 @@ __device__ __forceinline__ void load_swizzled_async(uint32_t tile, const T* base
     }
 }
 
-// A matrix descriptor: start address, leading / stride byte offsets, swizzle (128 or 64 bytes).
+// A matrix descriptor: start address, leading / stride byte offsets, swizzle (128, 64 or 32
+// bytes).
 __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t lead_bytes, uint32_t stride_bytes,
                                                int swizzle_bytes) {
-    const uint64_t layout = swizzle_bytes == 128 ? 1 : 2;
+    const uint64_t layout = swizzle_bytes == 128 ? 1 : swizzle_bytes == 64 ? 2 : 3;
     return uint64_t((addr & 0x3FFFF) >> 4) | uint64_t(lead_bytes >> 4) << 16 |
            uint64_t(stride_bytes >> 4) << 32 | layout << 62;
 }
 
 // The tile as a K-major operand: rows [row0, row0 + 64 or N) (row0 a multiple of 8), k-step kk
-// (columns 16kk..16kk+15). 8-row groups are 1024 bytes apart (512 in the 32-column stack); the
-// leading offset is unused.
+// (columns 16kk..16kk+15). 8-row groups are 1024 bytes apart (512 in the 32-column stack, 256 in
+// the 16-column one); the leading offset is unused.
 template <class Tile>
 __device__ __forceinline__ uint64_t k_major(uint32_t tile, int row0, int kk) {
+    if (Tile::kQuarter && kk == Tile::kD / 16 - 1)
+        return descriptor(tile + Tile::kQuarterStart + row0 * 32, 16, 256, 32);
     if (Tile::kHalf && kk * 16 >= Tile::kFull)
         return descriptor(tile + Tile::kHalfStart + row0 * 64 + (kk - Tile::kFull / 16) * 32, 16, 512, 64);
     return descriptor(tile + (kk / 4) * Tile::kStackBytes + row0 * 128 + (kk % 4) * 32, 16, 1024, 128);
@@ -97,6 +107,11 @@ __device__ __forceinline__ uint64_t mn_major(uint32_t tile, int kk) {
 template <class Tile>
 __device__ __forceinline__ uint64_t mn_major_half(uint32_t tile, int kk) {
     return descriptor(tile + Tile::kHalfStart + kk * 16 * 64, Tile::kRows * 64, 512, 64);
+}
+// ... and its 16-column stack: 8-row groups 256 bytes apart.
+template <class Tile>
+__device__ __forceinline__ uint64_t mn_major_quarter(uint32_t tile, int kk) {
+    return descriptor(tile + Tile::kQuarterStart + kk * 16 * 32, Tile::kRows * 32, 256, 32);
 }
 
 // Orders this thread's generic-proxy shared-memory writes (cp.async, st.shared) before later
@@ -120,6 +135,7 @@ __device__ __forceinline__ void fence_regs(float (&d)[kN]) {
 }
 
 // The asm texts. wgmma names accumulators first, so operand numbers are spelled out per N.
+#define ORCHARD_WG_R8 "%0, %1, %2, %3, %4, %5, %6, %7"
 #define ORCHARD_WG_R16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
 #define ORCHARD_WG_R32                                                                            \
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
@@ -174,7 +190,9 @@ template <class T, int kN, bool kTransB>
 __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b,
                                          bool accumulate) {
     constexpr bool kHalf = std::is_same_v<T, __half>;
-    if constexpr (kN == 32 && kHalf) ORCHARD_WGMMA_RS(32, "f16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20, 21, 22);
+    if constexpr (kN == 16 && kHalf) ORCHARD_WGMMA_RS(16, "f16", ORCHARD_WG_R8, ORCHARD_WG_D8(0), 8, 9, 10, 11, 12, 13, 14);
+    else if constexpr (kN == 16) ORCHARD_WGMMA_RS(16, "bf16", ORCHARD_WG_R8, ORCHARD_WG_D8(0), 8, 9, 10, 11, 12, 13, 14);
+    else if constexpr (kN == 32 && kHalf) ORCHARD_WGMMA_RS(32, "f16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20, 21, 22);
     else if constexpr (kN == 32) ORCHARD_WGMMA_RS(32, "bf16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20, 21, 22);
     else if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_RS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36, 37, 38);
     else if constexpr (kN == 64) ORCHARD_WGMMA_RS(64, "bf16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36, 37, 38);
@@ -182,11 +200,11 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
     else if constexpr (kN == 128) ORCHARD_WGMMA_RS(128, "bf16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68, 69, 70);
     else if constexpr (kN == 256 && kHalf) ORCHARD_WGMMA_RS(256, "f16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132, 133, 134);
     else if constexpr (kN == 256) ORCHARD_WGMMA_RS(256, "bf16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132, 133, 134);
-    else static_assert(kN == 32 || kN == 64 || kN == 128 || kN == 256, "wgmma_rs: N = 32, 64, 128 or 256");
+    else static_assert(kN == 16 || kN == 32 || kN == 64 || kN == 128 || kN == 256, "wgmma_rs: N = 16, 32, 64, 128 or 256");
 }
 
 // D (kD / 2 floats) += A B with A in registers and B = k-step kk of a tile read MN-major with
-// all its kD columns: one product over the 64-column stacks, one over the 32-column stack.
+// all its kD columns: one product over the 64-column stacks, one over each narrow stack.
 template <class T, class Tile>
 __device__ __forceinline__ void wgmma_rs_tile(float (&d)[Tile::kD / 2], const uint32_t (&a)[4], uint32_t tile,
                                               int kk) {
@@ -194,6 +212,8 @@ __device__ __forceinline__ void wgmma_rs_tile(float (&d)[Tile::kD / 2], const ui
         wgmma_rs<T, Tile::kFull, true>(reinterpret_cast<float(&)[Tile::kFull / 2]>(d), a, mn_major<Tile>(tile, kk), true);
     if constexpr (Tile::kHalf)
         wgmma_rs<T, 32, true>(reinterpret_cast<float(&)[16]>(d[Tile::kFull / 2]), a, mn_major_half<Tile>(tile, kk), true);
+    if constexpr (Tile::kQuarter)
+        wgmma_rs<T, 16, true>(reinterpret_cast<float(&)[8]>(d[Tile::kD / 2 - 8]), a, mn_major_quarter<Tile>(tile, kk), true);
 }
 
 #undef ORCHARD_WGMMA_RS
@@ -207,5 +227,6 @@ __device__ __forceinline__ void wgmma_rs_tile(float (&d)[Tile::kD / 2], const ui
 #undef ORCHARD_WG_R64
 #undef ORCHARD_WG_R32
 #undef ORCHARD_WG_R16
+#undef ORCHARD_WG_R8
 
 }  // namespace orchard::cuda::sm90

@@ -18,6 +18,9 @@ std::vector<Case> case_list() {
     add({.name = "sq_gt_sk", .Sq = 129, .Sk = 33});
     add({.name = "hdim8", .D = 8});
     add({.name = "hdim80", .Sq = 70, .Sk = 90, .D = 80});
+    // Between built CUDA variants: 72 runs the 80 kernels, 112 the 128 ones (zero-filled columns).
+    add({.name = "hdim72", .Sq = 50, .Sk = 70, .Hq = 2, .Hkv = 1, .D = 72, .causal = true});
+    add({.name = "hdim112", .Sq = 65, .Sk = 40, .D = 112});
     add({.name = "hdim96", .Sq = 33, .Sk = 140, .Hq = 2, .Hkv = 1, .D = 96});
     add({.name = "hdim128_mqa_causal", .B = 2, .Sq = 300, .Sk = 300, .Hq = 4, .Hkv = 1, .D = 128,
          .causal = true});

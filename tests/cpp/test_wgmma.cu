@@ -1,7 +1,8 @@
 // The wgmma building blocks of the Hopper kernels (src/cuda/wgmma.cuh) on their own: one
 // warpgroup multiplies small integer-valued matrices (exact in bf16 and fp32) through the
-// swizzled shared-memory tiles, in both operand forms the kernels use, with K or N of 96 for
-// tiles with a 32-column (64-byte swizzle) stack:
+// swizzled shared-memory tiles, in both operand forms the kernels use, with K or N of 96 (a
+// 32-column stack, 64-byte swizzle), 80 (a 16-column stack, 32-byte swizzle), 112 (both) and 48
+// (no 64-column stack):
 //   SS: D (64 x N) = A (64 x K, K-major tile) * B^T (B an N x K K-major tile)      [S = Q K^T]
 //   RS: D (64 x N) = A (64 x K, registers)    * B   (B a K x N MN-major tile)      [O = P V]
 // Skipped without a compute capability 9.0 device.
@@ -118,6 +119,12 @@ TEST(Wgmma, RegistersTimesMnMajorN128) { check<128, true>(); }
 TEST(Wgmma, RegistersTimesMnMajorN256) { check<256, true>(); }
 TEST(Wgmma, SharedKMajorTimesKMajorK96) { check<64, false, 96>(); }
 TEST(Wgmma, RegistersTimesMnMajorN96) { check<96, true>(); }
+TEST(Wgmma, SharedKMajorTimesKMajorK80) { check<64, false, 80>(); }
+TEST(Wgmma, RegistersTimesMnMajorN80) { check<80, true>(); }
+TEST(Wgmma, SharedKMajorTimesKMajorK112) { check<128, false, 112>(); }
+TEST(Wgmma, RegistersTimesMnMajorN112) { check<112, true>(); }
+TEST(Wgmma, SharedKMajorTimesKMajorK48) { check<64, false, 48>(); }
+TEST(Wgmma, RegistersTimesMnMajorN48) { check<48, true>(); }
 
 }  // namespace
 }  // namespace orchard::test
