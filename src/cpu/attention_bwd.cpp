@@ -411,7 +411,9 @@ inline void bwd_bf16(const AttentionParams& p, const TileSize& ts, const float* 
 template <class T>
 void bwd_typed(const AttentionParams& p) {
     using A = acc_t<T>;
-    const TileSize ts = tile_size(p.D, p.Dv);
+    // The bf16-GEMM path (AMX / AVX512-BF16) keeps tile_size(): its tiles were measured there.
+    const bool bf16_dot = std::is_same_v<T, bfloat16_t> && bf16_gemms();
+    const TileSize ts = bf16_dot ? tile_size(p.D, p.Dv) : bwd_tile_size(p.D, p.Dv);
     const size_t n_dsum = size_t(p.B * p.Hq * p.Sq);
     std::vector<A> owned;
     A* dsum = static_cast<A*>(p.workspace);
@@ -422,7 +424,7 @@ void bwd_typed(const AttentionParams& p) {
     auto pre = [&](int64_t bh) { preprocess_task<T>(p, dsum, bh); };
     parallel_for(p.B * p.Hq, pre);
     if constexpr (std::is_same_v<T, bfloat16_t>) {
-        if (bf16_gemms()) return bwd_bf16(p, ts, dsum);
+        if (bf16_dot) return bwd_bf16(p, ts, dsum);
     }
 
     const int64_t nk = ceil_div(p.Sk, ts.block_k), kv_heads = p.B * p.Hkv;

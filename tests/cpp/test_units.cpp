@@ -149,13 +149,22 @@ TEST(SimdDispatch, LevelIsCappedByTheEnvironment) {
 TEST(TileSize, FitsL2AndVectorWidths) {
     for (int64_t d = 1; d <= 512; d += 7)
         for (int64_t dv : {int64_t(1), d, int64_t(512)}) {
-            for (const cpu::TileSize ts : {cpu::tile_size(d, dv), cpu::fwd_tile_size(d, dv)}) {
+            for (const cpu::TileSize ts :
+                 {cpu::tile_size(d, dv), cpu::fwd_tile_size(d, dv), cpu::bwd_tile_size(d, dv)}) {
                 EXPECT_EQ(ts.block_q % 16, 0);
                 EXPECT_EQ(ts.block_k % 16, 0);
                 // Working set of the forward (fp32): q, k^T, v, s, acc.
                 const int64_t floats = ts.block_q * d + d * ts.block_k + ts.block_k * dv +
                                        ts.block_q * ts.block_k + ts.block_q * dv;
                 EXPECT_LE(floats * 4, int64_t(1) << 20) << "d=" << d << " dv=" << dv;
+            }
+            // Up to D + Dv = 256 the fp32 GEMMs' rows are whole register blocks (6 rows on
+            // AVX2, 8 on AVX-512): the forward's P V product has block_q rows, the backward's
+            // products block_q or block_k.
+            if (d + dv <= 256) {
+                EXPECT_EQ(cpu::fwd_tile_size(d, dv).block_q % 24, 0);
+                EXPECT_EQ(cpu::bwd_tile_size(d, dv).block_q % 24, 0);
+                EXPECT_EQ(cpu::bwd_tile_size(d, dv).block_k % 24, 0);
             }
         }
 }
