@@ -408,6 +408,33 @@ inline void bwd_bf16(const AttentionParams& p, const TileSize& ts, const float* 
     }
 }
 
+// Faults in the pages of the gradients before the passes, one store per 4 KiB page, each task a
+// contiguous run of 64 pages. The passes' threads write 256-byte rows of different heads into the
+// same pages of a (B, S, H, D) tensor at the same time; into freshly mapped memory (a framework's
+// new gradient tensors, whose pages glibc maps on every call) those first touches contend on
+// each page. On a 16-core Xeon this made the backward at S = 1024, D = 64 run at 0.45-0.6x its
+// speed on memory already in use; touched first, 0.8-0.9x. Dense gradients only (any dim order),
+// never varlen; every element touched is written by the passes afterwards.
+template <class T>
+void fault_in_gradients(const AttentionParams& p) {
+    if (p.is_varlen()) return;
+    const struct {
+        void* data;
+        int64_t S, H, D;
+        Strides st;
+    } grads[] = {{p.dq, p.Sq, p.Hq, p.D, p.dq_st}, {p.dk, p.Sk, p.Hkv, p.D, p.dk_st},
+                 {p.dv, p.Sk, p.Hkv, p.Dv, p.dv_st}};
+    constexpr int64_t kPage = 4096 / int64_t(sizeof(T)), kRun = 64 * kPage;
+    for (const auto& g : grads) {
+        const int64_t n = g.data ? dense_elements(p.B, g.S, g.H, g.D, g.st) : 0;
+        T* base = static_cast<T*>(g.data);
+        auto touch = [&](int64_t r) {
+            for (int64_t i = r * kRun; i < std::min(n, (r + 1) * kRun); i += kPage) base[i] = T{};
+        };
+        if (n > 0) parallel_for(ceil_div(n, kRun), touch);
+    }
+}
+
 template <class T>
 void bwd_typed(const AttentionParams& p) {
     using A = acc_t<T>;
@@ -421,6 +448,7 @@ void bwd_typed(const AttentionParams& p) {
         owned.resize(n_dsum);
         dsum = owned.data();
     }
+    fault_in_gradients<T>(p);
     auto pre = [&](int64_t bh) { preprocess_task<T>(p, dsum, bh); };
     parallel_for(p.B * p.Hq, pre);
     if constexpr (std::is_same_v<T, bfloat16_t>) {

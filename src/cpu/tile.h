@@ -1,8 +1,11 @@
 // Scalar helpers of the CPU kernels: storage types, packing strided tiles, storing results.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
+#include <utility>
 #include <type_traits>
 
 #include "core/dtype_convert.h"
@@ -106,6 +109,20 @@ template <class T>
 inline T* at(const void* base, const Strides& st, int64_t b, int64_t first, int64_t token,
              int64_t h) {
     return static_cast<T*>(const_cast<void*>(base)) + b * st.b + (first + token) * st.s + h * st.h;
+}
+
+// Elements of a (b, s, h, d) tensor with these strides when they tile one contiguous range of
+// memory exactly (any order of the dims: (B, S, H, D) and (B, H, S, D) views alike), else 0.
+inline int64_t dense_elements(int64_t B, int64_t S, int64_t H, int64_t D, const Strides& st) {
+    std::pair<int64_t, int64_t> dims[] = {{st.d, D}, {st.h, H}, {st.s, S}, {st.b, B}};  // (stride, size)
+    std::sort(std::begin(dims), std::end(dims));
+    int64_t expected = 1;
+    for (const auto& [stride, size] : dims) {
+        if (size == 1) continue;
+        if (stride != expected) return 0;
+        expected *= size;
+    }
+    return B * S * H * D;
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

@@ -20,6 +20,7 @@
 #include "core/philox.h"
 #include "core/thread_pool.h"
 #include "cpu/simd_dispatch.h"
+#include "cpu/tile.h"
 #include "cpu/tile_size.h"
 
 namespace orchard::test {
@@ -167,6 +168,18 @@ TEST(TileSize, FitsL2AndVectorWidths) {
                 EXPECT_EQ(cpu::bwd_tile_size(d, dv).block_k % 24, 0);
             }
         }
+}
+
+TEST(DenseElements, OnlyLayoutsThatTileOneRangeExactly) {
+    const int64_t B = 2, S = 5, H = 3, D = 4;
+    EXPECT_EQ(cpu::dense_elements(B, S, H, D, {S * H * D, H * D, D, 1}), B * S * H * D);  // (B, S, H, D)
+    EXPECT_EQ(cpu::dense_elements(B, S, H, D, {H * S * D, D, S * D, 1}), B * S * H * D);  // (B, H, S, D)
+    EXPECT_EQ(cpu::dense_elements(B, S, H, D, {S * H * 8, H * 8, 8, 1}), 0);  // padded rows
+    EXPECT_EQ(cpu::dense_elements(B, S, H, D, {S * H * D, H * D, 0, 1}), 0);  // expanded heads
+    EXPECT_EQ(cpu::dense_elements(B, S, H, D, {S * H * D, H * D, D, 2}), 0);  // strided dim
+    EXPECT_EQ(cpu::dense_elements(B, S, H, D, {-S * H * D, H * D, D, 1}), 0);  // negative stride
+    EXPECT_EQ(cpu::dense_elements(1, S, 1, D, {123, D, 77, 1}), S * D);  // size-1 dims: any stride
+    EXPECT_EQ(cpu::dense_elements(B, 0, H, D, {0, H * D, D, 1}), 0);  // empty
 }
 
 TEST(ThreadPool, RunsEveryTaskOnceAndPropagatesErrors) {
