@@ -412,8 +412,8 @@ inline void bwd_bf16(const AttentionParams& p, const TileSize& ts, const float* 
 // contiguous run of 64 pages. The passes' threads write 256-byte rows of different heads into the
 // same pages of a (B, S, H, D) tensor at the same time; into freshly mapped memory (a framework's
 // new gradient tensors, whose pages glibc maps on every call) those first touches contend on
-// each page. On a 16-core Xeon this made the backward at S = 1024, D = 64 run at 0.45-0.6x its
-// speed on memory already in use; touched first, 0.8-0.9x. Dense gradients only (any dim order),
+// each page. On a 16-core Xeon this made the backward at S = 1024 run at 0.25-0.7x its speed on
+// memory already in use; touched first, 0.8-0.9x. Dense gradients only (any dim order),
 // never varlen; every element touched is written by the passes afterwards.
 template <class T>
 void fault_in_gradients(const AttentionParams& p) {

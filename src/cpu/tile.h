@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <cstring>
 #include <iterator>
-#include <utility>
 #include <type_traits>
+#include <utility>
 
 #include "core/dtype_convert.h"
 #include "core/params.h"
