@@ -114,7 +114,8 @@ inline T* at(const void* base, const Strides& st, int64_t b, int64_t first, int6
 // Elements of a (b, s, h, d) tensor with these strides when they tile one contiguous range of
 // memory exactly (any order of the dims: (B, S, H, D) and (B, H, S, D) views alike), else 0.
 inline int64_t dense_elements(int64_t B, int64_t S, int64_t H, int64_t D, const Strides& st) {
-    std::pair<int64_t, int64_t> dims[] = {{st.d, D}, {st.h, H}, {st.s, S}, {st.b, B}};  // (stride, size)
+    // (stride, size) of each dim, fastest first.
+    std::pair<int64_t, int64_t> dims[] = {{st.d, D}, {st.h, H}, {st.s, S}, {st.b, B}};
     std::sort(std::begin(dims), std::end(dims));
     int64_t expected = 1;
     for (const auto& [stride, size] : dims) {

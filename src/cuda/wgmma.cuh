@@ -8,12 +8,12 @@
 // accumulator into the next product's A operand here too.
 //
 // Shared-memory tiles (`SwizzledTile`): kRows x kD elements of 16 bits, kD a multiple of 16,
-// stored as kD / 64 column stacks of kRows x 64 elements (128 bytes a row), then as kD's remainder
-// needs a stack of kRows x 32 (64 bytes a row) and one of kRows x 16 (32 bytes a row): 80 = 64 + 16,
-// 96 = 64 + 32, 112 = 64 + 32 + 16. Row r's 16-byte piece c sits at r * 128 + (c ^ r % 8) * 16 in a
-// 64-column stack, at r * 64 + (c ^ r / 2 % 4) * 16 in the 32-column one and at
-// r * 32 + (c ^ r / 4 % 2) * 16 in the 16-column one: the 128-, 64- and 32-byte swizzles of
-// wgmma's canonical layouts. cp.async writes and wgmma reads of them are free of bank conflicts,
+// stored as kD / 64 column stacks of kRows x 64 elements (128 bytes a row), then as kD's
+// remainder needs a stack of kRows x 32 (64 bytes a row) and one of kRows x 16 (32 bytes a row):
+// 80 = 64 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16. Row r's 16-byte piece c sits at
+// r * 128 + (c ^ r % 8) * 16 in a 64-column stack, at r * 64 + (c ^ r / 2 % 4) * 16 in the
+// 32-column one and at r * 32 + (c ^ r / 4 % 2) * 16 in the 16-column one: the 128-, 64- and
+// 32-byte swizzles of wgmma's canonical layouts. cp.async writes and wgmma reads of them are free of bank conflicts,
 // and the same tile serves as a K-major operand (rows = M or N, columns = K: Q, K, V, dO in
 // S = Q K^T) and as an MN-major one (rows = K, columns = N: V in O = P V, dO and Q in the dV / dK
 // products).
@@ -37,14 +37,15 @@ struct SwizzledTile {
     static constexpr bool kHalf = kD % 64 >= 32;     // a 32-column stack (columns kFull..)
     static constexpr bool kQuarter = kD % 32 != 0;   // a 16-column stack (the last 16 columns)
     static constexpr int kStackBytes = kRows * 128;
-    static constexpr int kHalfStart = kFull / 64 * kStackBytes;  // byte offsets of the narrow stacks
+    // Byte offsets of the narrow stacks.
+    static constexpr int kHalfStart = kFull / 64 * kStackBytes;
     static constexpr int kQuarterStart = kHalfStart + (kHalf ? kRows * 64 : 0);
     static constexpr int kBytes = kQuarterStart + (kQuarter ? kRows * 32 : 0);
 
     // Byte offset of element (r, col), col a multiple of 8.
     static __device__ __forceinline__ uint32_t offset(int r, int col) {
         if (kQuarter && col >= kD - 16)
-            return uint32_t(kQuarterStart + r * 32 + ((((col - (kD - 16)) / 8) ^ (r / 4 % 2)) * 16));
+            return uint32_t(kQuarterStart + r * 32 + ((((col - kD + 16) / 8) ^ (r / 4 % 2)) * 16));
         if (kHalf && col >= kFull)
             return uint32_t(kHalfStart + r * 64 + ((((col - kFull) / 8) ^ (r / 2 % 4)) * 16));
         return uint32_t((col / 64) * kStackBytes + r * 128 + ((((col % 64) / 8) ^ (r % 8)) * 16));
@@ -213,7 +214,8 @@ __device__ __forceinline__ void wgmma_rs_tile(float (&d)[Tile::kD / 2], const ui
     if constexpr (Tile::kHalf)
         wgmma_rs<T, 32, true>(reinterpret_cast<float(&)[16]>(d[Tile::kFull / 2]), a, mn_major_half<Tile>(tile, kk), true);
     if constexpr (Tile::kQuarter)
-        wgmma_rs<T, 16, true>(reinterpret_cast<float(&)[8]>(d[Tile::kD / 2 - 8]), a, mn_major_quarter<Tile>(tile, kk), true);
+        wgmma_rs<T, 16, true>(reinterpret_cast<float(&)[8]>(d[Tile::kD / 2 - 8]), a,
+                              mn_major_quarter<Tile>(tile, kk), true);
 }
 
 #undef ORCHARD_WGMMA_RS
