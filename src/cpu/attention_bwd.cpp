@@ -55,7 +55,7 @@ const A* probs_and_ds(const AttentionParams& p, int64_t bh, const TileGeom& g, c
     for (int64_t x = 0; x < n; ++x)
         for (int64_t y = 0; y < ld; y += L) {
             A* sp = w.s.get() + x * ld + y;
-            hn::StoreU(exp_finite(d, hn::Sub(hn::LoadU(d, sp), per_query(lse, x, y))), d, sp);
+            hn::StoreU(exp_softmax(d, hn::Sub(hn::LoadU(d, sp), per_query(lse, x, y))), d, sp);
         }
     const A* pd = w.s.get();
     if (p.dropout) {

@@ -44,11 +44,11 @@ void softmax_update(A* st, int64_t n_keys, int64_t width, int64_t ld, A pre_fact
         const auto shift = hn::IfThenZeroElse(hn::Eq(m_new, neg_inf), m_new);
         auto sum = hn::Zero(d);
         for (int64_t x = 0; x < n_keys; ++x) {
-            const auto e = exp_finite(d, hn::MulSub(hn::LoadU(d, st + x * ld + y), pre, shift));
+            const auto e = exp_softmax(d, hn::MulSub(hn::LoadU(d, st + x * ld + y), pre, shift));
             sum = hn::Add(sum, e);
             hn::StoreU(e, d, st + x * ld + y);
         }
-        const auto a = exp_finite(d, hn::Sub(m_old, shift));
+        const auto a = exp_softmax(d, hn::Sub(m_old, shift));
         hn::StoreU(hn::MulAdd(hn::LoadU(d, l + y), a, sum), d, l + y);
         hn::StoreU(m_new, d, m + y);
         hn::StoreU(a, d, alpha + y);
