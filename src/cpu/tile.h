@@ -63,16 +63,18 @@ void pack_rows(A* dst, int64_t ld, const T* src, int64_t s_row, int64_t s_col, i
 }
 
 // dst (cols, rows_pad) = factor * transpose of src (rows, cols) strided; columns rows..rows_pad
-// are 0.
+// are 0. Reads row by row: a column of a (B, S, H, D) tensor has its rows H * D apart, often a
+// multiple of 4 KiB, and reading it down would miss L1 on every element (the rows share a few
+// sets); the writes, ld apart, touch only `cols` lines at a time.
 template <class A, class T>
 void pack_transposed(A* dst, int64_t ld, const T* src, int64_t s_row, int64_t s_col,
                      int64_t rows, int64_t cols, int64_t rows_pad, A factor = A(1)) {
-    for (int64_t c = 0; c < cols; ++c) {
-        A* out = dst + c * ld;
-        for (int64_t r = 0; r < rows; ++r)
-            out[r] = factor * load_as<A>(src[r * s_row + c * s_col]);
-        for (int64_t r = rows; r < rows_pad; ++r) out[r] = A(0);
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* in = src + r * s_row;
+        for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = factor * load_as<A>(in[c * s_col]);
     }
+    for (int64_t c = 0; c < cols; ++c)
+        for (int64_t r = rows; r < rows_pad; ++r) dst[c * ld + r] = A(0);
 }
 
 // A GEMM operand read element-wise (the A side of gemm()): in place when the storage type is
