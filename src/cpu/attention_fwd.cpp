@@ -72,7 +72,8 @@ void store_out_lse(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, i
     }
 }
 
-// One task: query rows [i0, i0 + bq) of head h in sequence b, all visible key blocks.
+// One task: query rows [i0, i0 + bq) of head h in sequence b, all visible key blocks; each key
+// block is packed once and meets the queries in passes of kFwdPassQ (tile_size.h).
 template <class T>
 void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h, int64_t mb) {
     using A = acc_t<T>;
@@ -84,12 +85,13 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
     const int64_t hk = h / (p.Hq / p.Hkv);
     const int64_t fq = p.first_q(b), fk = p.first_k(b);
     const int64_t bk = ts.block_k, ldq = round_up(rows, L), ldv = round_up(p.Dv, L);
+    const int64_t pass = kFwdPassQ, lds = round_up(std::min(pass, rows), L);
 
-    // Tiles: qt (D, ldq), k (bk, D), v (bk, ldv), st (bk, ldq), acc (rows, ldv).
+    // Tiles: qt (D, ldq), k (bk, D), v (bk, ldv), st (bk, lds), acc (rows, ldv).
     auto qt = alloc_tile<A>(p.D * ldq);
     auto kb = alloc_tile<A>(bk * p.D);
     auto v = alloc_tile<A>(bk * ldv);
-    auto st = alloc_tile<A>(bk * ldq);
+    auto st = alloc_tile<A>(bk * lds);
     auto acc = alloc_tile<A>(rows * ldv);
     auto m = alloc_tile<A>(ldq);
     auto l = alloc_tile<A>(ldq);
@@ -107,29 +109,35 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
 
     for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
         const int64_t cols = std::min(bk, keys.hi - j0);
-        // Only the queries [y0, y0 + n) of the block that see a key of this block take part
-        // (the causal diagonal and window edges leave the others out of both GEMMs).
-        const QueryCols qc = query_cols(p, i0, rows, j0, cols, diag, L, ldq);
-        const int64_t y0 = qc.y0, n = qc.width;
-        const TileGeom& g = qc.g;
-        // S^T = k q^T. k is packed even when it could be read in place: its rows lie H * D
-        // apart in a (B, S, H, D) tensor, often a multiple of 4 KiB, and the GEMM's 6 rows would
-        // share L1 sets (packing was 0-20% faster).
+        // k is packed even when it could be read in place: its rows lie H * D apart in a
+        // (B, S, H, D) tensor, often a multiple of 4 KiB, and the GEMM's 6 rows would share L1
+        // sets (packing was 0-20% faster).
         pack_rows(kb.get(), p.D, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
                   cols, p.D, p.D);
         pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
                   cols, p.Dv, ldv);
-        A* s_t = st.get() + y0;
-        gemm<false>(cols, n, p.D, kb.get(), p.D, 1, qt.get() + y0, ldq, s_t, ldq);
-        if (p.softcap > 0 || slope != A(0) || !fully_visible(p, g))
-            finish_scores<Orient::k_rows>(p, slope, g, s_t, static_cast<A*>(nullptr), n, ldq,
-                                          A(1));
-        softmax_update(s_t, cols, n, ldq, A(1), m.get() + y0, l.get() + y0, alpha.get() + y0);
-        if (p.dropout) apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, s_t, s_t, ldq);
-        // acc (rows, Dv) = diag(alpha) acc + P (rows, cols) v (cols, Dv), P read from P^T: the
-        // online softmax's rescale rides on the GEMM's load of acc.
-        gemm<true>(g.rows, ldv, cols, s_t, 1, ldq, v.get(), ldv, acc.get() + y0 * ldv, ldv,
-                   alpha.get() + y0);
+        for (int64_t c0 = 0; c0 < rows; c0 += pass) {
+            // Only the queries [y0, y0 + n) of the pass that see a key of this block take part
+            // (the causal diagonal and window edges leave the others out of both GEMMs).
+            const int64_t prows = std::min(pass, rows - c0);
+            const QueryCols qc = query_cols(p, i0 + c0, prows, j0, cols, diag, L,
+                                            round_up(prows, L));
+            if (qc.width == 0) continue;
+            const int64_t y0 = c0 + qc.y0, n = qc.width;
+            const TileGeom& g = qc.g;
+            // S^T = k q^T.
+            A* s_t = st.get() + qc.y0;
+            gemm<false>(cols, n, p.D, kb.get(), p.D, 1, qt.get() + y0, ldq, s_t, lds);
+            if (p.softcap > 0 || slope != A(0) || !fully_visible(p, g))
+                finish_scores<Orient::k_rows>(p, slope, g, s_t, static_cast<A*>(nullptr), n,
+                                              lds, A(1));
+            softmax_update(s_t, cols, n, lds, A(1), m.get() + y0, l.get() + y0, alpha.get() + y0);
+            if (p.dropout) apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, s_t, s_t, lds);
+            // acc (rows, Dv) = diag(alpha) acc + P (rows, cols) v (cols, Dv), P read from P^T:
+            // the online softmax's rescale rides on the GEMM's load of acc.
+            gemm<true>(g.rows, ldv, cols, s_t, 1, lds, v.get(), ldv, acc.get() + y0 * ldv, ldv,
+                       alpha.get() + y0);
+        }
     }
 
     store_out_lse<T>(p, b, h, i0, rows, m.get(), l.get(),

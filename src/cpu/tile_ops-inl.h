@@ -227,7 +227,9 @@ void finish_scores(const AttentionParams& p, A slope, const TileGeom& g, A* s, A
             }
             hn::StoreU(v, d, row + y);
         }
-        const int64_t lo = std::max<int64_t>(span.lo, 0), hi = std::max<int64_t>(span.hi, lo);
+        // A row may see none of the tile (a key past all of its queries): span outside [0, width).
+        const int64_t lo = std::clamp<int64_t>(span.lo, 0, width);
+        const int64_t hi = std::clamp<int64_t>(span.hi, lo, width);
         for (int64_t y = 0; y < lo; ++y) row[y] = neg_inf;
         for (int64_t y = hi; y < width; ++y) row[y] = neg_inf;
     }

@@ -20,15 +20,21 @@ inline TileSize tile_size(int64_t D, int64_t Dv) {
     return {64, 64};
 }
 
-// Tiles of the forward on the fp32 GEMMs: 96 queries share each key block, and 64-key blocks
-// keep S^T (64, 96) and the v block in L1 / L2. 96 rows are whole register blocks of the GEMMs
-// (6 rows on AVX2, 8 on AVX-512) where 128 left a 2-row remainder in the P V product. Same-run
-// comparisons on a 2-core Zen 3 (AVX2): 128 x 64 was 5-25% faster than 64 x 64 at D = 128 and
-// than 128 x 128 at D = 64, and 96 x 64 2-10% faster than 128 x 64. Past D + Dv = 256 the
-// working set grows past L2: 64 x 64.
+// Queries per pass of the forward on the fp32 GEMMs: a block of block_q queries meets each
+// (k, v) block in passes of 48 queries, so the k and v blocks are packed once per block while
+// S^T (64, 48) stays in L1. 48 rows are whole register blocks of the P V product (6 rows on
+// AVX2, 8 on AVX-512).
+inline constexpr int64_t kFwdPassQ = 48;
+
+// Tiles of the forward on the fp32 GEMMs: block_q a multiple of kFwdPassQ, 64-key blocks.
+// Larger blocks pack k and v less often; past these sizes the block's q^T and accumulator leave
+// L2. Same-run comparisons on a 2-core Zen 3 (AVX2), against the 96 x 64 tiles of one pass
+// before: D = 64 192 x 64 +1-5% (288: -1-4%), D = 128 288 x 64 +1-3%, D = 256 144 x 64 +5%
+// (over 64 x 64); 96- or 128-key blocks were 1-13% slower.
 inline TileSize fwd_tile_size(int64_t D, int64_t Dv) {
-    if (D + Dv <= 256) return {96, 64};
-    return {64, 64};
+    if (D + Dv <= 128) return {192, 64};
+    if (D + Dv <= 256) return {288, 64};
+    return {144, 64};
 }
 
 // Tiles of the backward on the fp32 GEMMs: 96 x 96, whole register blocks as above. On a 2-core

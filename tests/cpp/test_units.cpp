@@ -159,9 +159,12 @@ TEST(TileSize, FitsL2AndVectorWidths) {
                                        ts.block_q * ts.block_k + ts.block_q * dv;
                 EXPECT_LE(floats * 4, int64_t(1) << 20) << "d=" << d << " dv=" << dv;
             }
+            // The forward meets each key block in whole passes of kFwdPassQ queries.
+            EXPECT_EQ(cpu::fwd_tile_size(d, dv).block_q % cpu::kFwdPassQ, 0);
             // Up to D + Dv = 256 the fp32 GEMMs' rows are whole register blocks (6 rows on
-            // AVX2, 8 on AVX-512): the forward's P V product has block_q rows, the backward's
+            // AVX2, 8 on AVX-512): the forward's P V product has kFwdPassQ rows, the backward's
             // products block_q or block_k.
+            static_assert(cpu::kFwdPassQ % 24 == 0);
             if (d + dv <= 256) {
                 EXPECT_EQ(cpu::fwd_tile_size(d, dv).block_q % 24, 0);
                 EXPECT_EQ(cpu::bwd_tile_size(d, dv).block_q % 24, 0);
