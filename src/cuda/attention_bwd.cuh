@@ -114,10 +114,12 @@ __device__ __forceinline__ void transform_and_mask(const KernelParams& p, const 
 // while dP is still being multiplied and the second while P z is (the wgmma kernels do):
 //   probs: s (scores in log2 units, or raw on the plain path; masked = -inf) -> pz = P * z (the
 //     dV operand) and s <- P [* (1 - tanh^2) with softcap], the factor dS needs from the scores;
-//   grads: dp <- dS = s * (dp * z - delta) * scale,
+//   grads: dp <- dS / scale = s * (dp * z - delta): the softmax scale is applied once to dK and
+//     dQ when they are stored (one multiply an output element, not one a score),
 // with z = keep ? 1 / (1 - p) : 0. lse2_of / delta_of give an element's row (or column) values;
-// dist(tile, c) = i + diag - j for softcap.
-template <int kTiles, bool kSoftcap, class Lse, class Dist>
+// dist(tile, c) = i + diag - j for softcap. Without dropout (kDropout false) z = 1 needs no
+// per-element selects: a third of the elementwise instructions at head dim 64.
+template <int kTiles, bool kSoftcap, bool kDropout, class Lse, class Dist>
 __device__ __forceinline__ void probs(const ScoreMod& mod, float (&s)[kTiles][4], float (&pz)[kTiles][4],
                                       uint32_t keep, float rp, Lse lse2_of, Dist dist) {
     const float factor = mod.log2_factor();
@@ -126,7 +128,8 @@ __device__ __forceinline__ void probs(const ScoreMod& mod, float (&s)[kTiles][4]
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const float pr = fast_exp2(fmaf(s[tile][c], factor, -lse2_of(tile, c)));
-            pz[tile][c] = (keep >> (tile * 4 + c)) & 1u ? pr * rp : 0.f;
+            if constexpr (kDropout) pz[tile][c] = (keep >> (tile * 4 + c)) & 1u ? pr * rp : 0.f;
+            else pz[tile][c] = pr;
             if constexpr (kSoftcap) {
                 const float t = mod.softcap_tanh(s[tile][c], dist(tile, c));
                 s[tile][c] = pr * (1.f - t * t);
@@ -136,16 +139,24 @@ __device__ __forceinline__ void probs(const ScoreMod& mod, float (&s)[kTiles][4]
         }
 }
 
-template <int kTiles, class Delta>
-__device__ __forceinline__ void grads(const ScoreMod& mod, const float (&s)[kTiles][4], float (&dp)[kTiles][4],
-                                      uint32_t keep, float rp, Delta delta_of) {
+template <int kTiles, bool kDropout, class Delta>
+__device__ __forceinline__ void grads(const float (&s)[kTiles][4], float (&dp)[kTiles][4], uint32_t keep, float rp,
+                                      Delta delta_of) {
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            const float z = (keep >> (tile * 4 + c)) & 1u ? rp : 0.f;
-            dp[tile][c] = s[tile][c] * (dp[tile][c] * z - delta_of(tile, c)) * mod.scale;
+            const float dpz = kDropout ? dp[tile][c] * ((keep >> (tile * 4 + c)) & 1u ? rp : 0.f) : dp[tile][c];
+            dp[tile][c] = s[tile][c] * (dpz - delta_of(tile, c));
         }
+}
+
+// grads() with the dropout branch taken once per call (tile_probs() does the same for probs()).
+template <int kTiles, class Delta>
+__device__ __forceinline__ void tile_grads(const KernelParams& p, const float (&s)[kTiles][4],
+                                           float (&dp)[kTiles][4], uint32_t keep, Delta delta_of) {
+    if (p.dropout) grads<kTiles, true>(s, dp, keep, p.rp_dropout, delta_of);
+    else grads<kTiles, false>(s, dp, keep, p.rp_dropout, delta_of);
 }
 
 // Phase 1 on kTiles C tiles whose element (tile, c) is (query, key) ij(tile, c): the score
@@ -160,10 +171,14 @@ __device__ __forceinline__ uint32_t tile_probs(const KernelParams& p, const Seq&
         const auto [i, j] = ij(tile, c);
         return i + s.diag - j;
     };
-    if (mod.softcap > 0.f)
-        probs<kTiles, true>(mod, sc, pz, keep, p.rp_dropout, lse2_of, dist);
-    else
-        probs<kTiles, false>(mod, sc, pz, keep, p.rp_dropout, lse2_of, dist);
+    const float rp = p.rp_dropout;
+    if (mod.softcap > 0.f) {
+        if (p.dropout) probs<kTiles, true, true>(mod, sc, pz, keep, rp, lse2_of, dist);
+        else probs<kTiles, true, false>(mod, sc, pz, keep, rp, lse2_of, dist);
+    } else {
+        if (p.dropout) probs<kTiles, false, true>(mod, sc, pz, keep, rp, lse2_of, dist);
+        else probs<kTiles, false, false>(mod, sc, pz, keep, rp, lse2_of, dist);
+    }
     return keep;
 }
 
@@ -193,7 +208,7 @@ __device__ __forceinline__ void load_lse_delta_async(const KernelParams& p, int 
 // kernels; st = S^T and dpt = dP^T of its 16 keys n0 + kr.. (rows) x kQT * 8 queries m0..
 // (columns); tLse / tDelta: the step's queries; `full`: the block's tile is fully visible.
 // Phase 1 (probs_of): st in, pz = P z and st = probs()'s dS factor out; returns the keep bits.
-// Phase 2 (dS_of): dpt <- the scaled dS.
+// Phase 2 (dS_of): dpt <- dS / scale (grads()).
 template <int kQT>
 struct DkdvElems {
     const KernelParams& p;
@@ -215,7 +230,7 @@ struct DkdvElems {
     }
     __device__ __forceinline__ void dS_of(const float (&st)[kQT][4], float (&dpt)[kQT][4], uint32_t keep,
                                           const float* tDelta) const {
-        grads<kQT>(mod, st, dpt, keep, p.rp_dropout, [&](int qt, int c) { return tDelta[col(qt, c)]; });
+        tile_grads<kQT>(p, st, dpt, keep, [&](int qt, int c) { return tDelta[col(qt, c)]; });
     }
 };
 
@@ -241,7 +256,7 @@ struct DqElems {
     }
     __device__ __forceinline__ void dS_of(const float (&acc_s)[kKT][4], float (&acc_dp)[kKT][4], uint32_t keep,
                                           const float (&delta)[2]) const {
-        grads<kKT>(mod, acc_s, acc_dp, keep, p.rp_dropout, [&](int, int c) { return delta[c / 2]; });
+        tile_grads<kKT>(p, acc_s, acc_dp, keep, [&](int, int c) { return delta[c / 2]; });
     }
 };
 
@@ -367,10 +382,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
     }
     cp_async_wait<0>();  // keys no query sees skip the loop: their K/V copies end here
 
-    const float one[2] = {1.f, 1.f};
+    const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};  // dS was kept unscaled
     if (p.dk) {
         T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + s.first_k * p.dk_st.s + int64_t(hk) * p.dk_st.h;
-        store_rows<kD, T>(dk, p.dk_st.s, n0 + kr, s.sk, p.D, acc_dk, one);
+        store_rows<kD, T>(dk, p.dk_st.s, n0 + kr, s.sk, p.D, acc_dk, scale);
     }
     if (p.dv) {
         T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + s.first_k * p.dv_st.s + int64_t(hk) * p.dv_st.h;
@@ -464,9 +479,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
     }
     cp_async_wait<0>();
 
-    const float one[2] = {1.f, 1.f};
+    const float scale[2] = {p.scale, p.scale};  // dS was kept unscaled
     T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + s.first_q * p.dq_st.s + int64_t(h) * p.dq_st.h;
-    store_rows<kD, T>(dq, p.dq_st.s, m0 + qr, s.sq, p.D, acc_dq, one);
+    store_rows<kD, T>(dq, p.dq_st.s, m0 + qr, s.sq, p.D, acc_dq, scale);
 }
 
 // ---- launch ---------------------------------------------------------------------------------

@@ -155,10 +155,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_
     }
     cp_async_wait<0>();  // keys no query sees skip the loop: their K/V copies end here
 
-    const float one[2] = {1.f, 1.f};
+    const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};  // dS was kept unscaled
     if (p.dk) {
         T* out = static_cast<T*>(p.dk) + b * p.dk_st.b + s.first_k * p.dk_st.s + int64_t(hk) * p.dk_st.h;
-        store_rows<kD, T>(out, p.dk_st.s, n0 + kr, s.sk, p.D, acc_dk, one);
+        store_rows<kD, T>(out, p.dk_st.s, n0 + kr, s.sk, p.D, acc_dk, scale);
     }
     if (p.dv) {
         T* out = static_cast<T*>(p.dv) + b * p.dv_st.b + s.first_k * p.dv_st.s + int64_t(hk) * p.dv_st.h;
@@ -259,9 +259,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_
     }
     cp_async_wait<0>();
 
-    const float one[2] = {1.f, 1.f};
+    const float scale[2] = {p.scale, p.scale};  // dS was kept unscaled
     T* out = static_cast<T*>(p.dq) + b * p.dq_st.b + s.first_q * p.dq_st.s + int64_t(h) * p.dq_st.h;
-    store_rows<kD, T>(out, p.dq_st.s, m0 + qr, s.sq, p.D, acc_dq, one);
+    store_rows<kD, T>(out, p.dq_st.s, m0 + qr, s.sq, p.D, acc_dq, scale);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
 #endif
