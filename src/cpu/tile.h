@@ -2,8 +2,11 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <iterator>
 #include <type_traits>
 #include <utility>
@@ -12,6 +15,73 @@
 #include "core/params.h"
 
 namespace orchard::cpu {
+
+// Tile memory: 64-byte aligned blocks from the C++ runtime (not Highway's allocator, which lives in
+// libhwy.so), recycled through a per-thread cache of up to kSlots freed blocks. Tasks allocate the
+// same few tiles (up to a few hundred KiB each) again and again; through malloc alone, glibc gave
+// the large ones back to the OS and each task faulted their pages in again (2-4% of the 2-core
+// forward at D 128). The cache holds about one task's tiles per thread (at most ~1 MiB,
+// tile_size.h) until the thread ends.
+namespace detail {
+struct TileCache {
+    static constexpr int kSlots = 16;
+    static constexpr size_t kHeader = 64;  // before each tile: its size, keeping the tile aligned
+    struct Block {
+        void* base = nullptr;
+        size_t bytes = 0;
+    };
+    Block blocks[kSlots];
+    ~TileCache() {
+        for (const Block& b : blocks) std::free(b.base);
+    }
+};
+inline thread_local TileCache tile_cache;
+}  // namespace detail
+
+// At least `bytes`, 64-byte aligned; release with tile_free.
+inline void* tile_alloc(size_t bytes) {
+    using detail::TileCache;
+    TileCache& c = detail::tile_cache;
+    int best = -1;  // the smallest cached block that fits
+    for (int i = 0; i < TileCache::kSlots; ++i)
+        if (c.blocks[i].base && c.blocks[i].bytes >= bytes &&
+            (best < 0 || c.blocks[i].bytes < c.blocks[best].bytes))
+            best = i;
+    if (best >= 0) {
+        void* base = c.blocks[best].base;
+        c.blocks[best] = {};
+        return static_cast<char*>(base) + TileCache::kHeader;
+    }
+    const size_t padded = (bytes + 63) / 64 * 64;
+    void* base = std::aligned_alloc(64, padded + TileCache::kHeader);
+    if (base == nullptr) throw std::bad_alloc();
+    *static_cast<size_t*>(base) = padded;
+    return static_cast<char*>(base) + TileCache::kHeader;
+}
+
+inline void tile_free(void* p) {
+    using detail::TileCache;
+    if (p == nullptr) return;
+    void* base = static_cast<char*>(p) - TileCache::kHeader;
+    const size_t bytes = *static_cast<size_t*>(base);
+    TileCache& c = detail::tile_cache;
+    int slot = 0;  // an empty slot, else the smallest cached block, given back if smaller
+    for (int i = 0; i < TileCache::kSlots; ++i) {
+        if (!c.blocks[i].base) {
+            slot = i;
+            break;
+        }
+        if (c.blocks[i].bytes < c.blocks[slot].bytes) slot = i;
+    }
+    if (c.blocks[slot].base) {
+        if (c.blocks[slot].bytes >= bytes) {
+            std::free(base);
+            return;
+        }
+        std::free(c.blocks[slot].base);
+    }
+    c.blocks[slot] = {base, bytes};
+}
 
 // Accumulation type per storage type: fp32, except fp64 which accumulates in fp64.
 template <class T>

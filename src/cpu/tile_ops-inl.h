@@ -39,20 +39,17 @@ inline constexpr int kRowsPerBlock = 6;
 inline constexpr int kRowsPerBlock = 8;
 #endif
 
-// An aligned tile of n elements (at least one, so empty tiles are valid allocations), from
-// the C++ runtime rather than Highway's allocator (which lives in libhwy.so).
+// A tile of n elements (at least one, so empty tiles are valid allocations), 64-byte aligned,
+// from tile_alloc (tile.h).
 struct FreeTile {
-    void operator()(void* p) const { std::free(p); }
+    void operator()(void* p) const { tile_free(p); }
 };
 template <class A>
 using Tile = std::unique_ptr<A[], FreeTile>;
 
 template <class A>
 Tile<A> alloc_tile(int64_t n) {
-    const size_t bytes = (size_t(std::max<int64_t>(n, 1)) * sizeof(A) + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, bytes);
-    if (p == nullptr) throw std::bad_alloc();
-    return Tile<A>(static_cast<A*>(p));
+    return Tile<A>(static_cast<A*>(tile_alloc(size_t(std::max<int64_t>(n, 1)) * sizeof(A))));
 }
 
 template <class A>
