@@ -85,7 +85,7 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
     const int64_t hk = h / (p.Hq / p.Hkv);
     const int64_t fq = p.first_q(b), fk = p.first_k(b);
     const int64_t bk = ts.block_k, ldq = round_up(rows, L), ldv = round_up(p.Dv, L);
-    const int64_t pass = kFwdPassQ, lds = round_up(std::min(pass, rows), L);
+    const int64_t lds = round_up(std::min(kFwdPassQ, rows), L);
 
     // Tiles: qt (D, ldq), k (bk, D), v (bk, ldv), st (bk, lds), acc (rows, ldv).
     auto qt = alloc_tile<A>(p.D * ldq);
@@ -116,10 +116,10 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
                   cols, p.D, p.D);
         pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
                   cols, p.Dv, ldv);
-        for (int64_t c0 = 0; c0 < rows; c0 += pass) {
+        for (int64_t c0 = 0; c0 < rows; c0 += kFwdPassQ) {
             // Only the queries [y0, y0 + n) of the pass that see a key of this block take part
             // (the causal diagonal and window edges leave the others out of both GEMMs).
-            const int64_t prows = std::min(pass, rows - c0);
+            const int64_t prows = std::min(kFwdPassQ, rows - c0);
             const QueryCols qc = query_cols(p, i0 + c0, prows, j0, cols, diag, L,
                                             round_up(prows, L));
             if (qc.width == 0) continue;

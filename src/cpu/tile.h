@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <new>
 #include <iterator>
+#include <new>
 #include <type_traits>
 #include <utility>
 
@@ -19,7 +19,7 @@ namespace orchard::cpu {
 // Tile memory: 64-byte aligned blocks from the C++ runtime (not Highway's allocator, which lives in
 // libhwy.so), recycled through a per-thread cache of up to kSlots freed blocks. Tasks allocate the
 // same few tiles (up to a few hundred KiB each) again and again; through malloc alone, glibc gave
-// the large ones back to the OS and each task faulted their pages in again (2-4% of the 2-core
+// the large ones back to the OS and each task faulted their pages in again (1-3% of the 2-core
 // forward at D 128). The cache holds about one task's tiles per thread (at most ~1 MiB,
 // tile_size.h) until the thread ends.
 namespace detail {
