@@ -63,15 +63,36 @@ def test_demo_fails_loudly_on_wrong_gradients(tmp_path, monkeypatch, capsys):
     assert "FAILED: Orchard's gradients differ from the reference" in capsys.readouterr().out
 
 
+# Runs the demo's command line in a torchrun rank, then fails (status 3) if the rank has more
+# threads than before it: destroy_process_group must have freed gloo's workers, or one of them may
+# abort the process at exit (see orchard/demo/parallel.py's _init).
+RANK_SCRIPT = """
+import os, sys
+from orchard.__main__ import main
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+status = main(sys.argv[1:])
+if threads() > before:
+    print(f"rank {os.environ['RANK']}: {threads() - before} thread(s) outlive the demo's "
+          f"process group", file=sys.stderr)
+    sys.exit(3)
+sys.exit(status)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 @pytest.mark.parametrize("mode, extra", [("context", ["--layout", "zigzag", "--window", "9"]),
                                          ("data", [])])
 def test_demo_parallel_matches_one_process(tmp_path, mode, extra):
     """`torchrun -m orchard demo --parallel ...` on 2 CPU processes (gloo): the same losses as
-    one process training the same model on the same full batches (checked by the demo)."""
+    one process training the same model on the same full batches (checked by the demo), and no
+    thread of the process group left when the demo returns."""
     out = tmp_path / "out"
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "orchard", "demo", *TINY,
+                           "--nproc-per-node", "2", str(script), "demo", *TINY,
                            "--parallel", mode, *extra, "--device", "cpu", "--timeout", "60",
                            "--out", str(out)],
                           check=False, capture_output=True, text=True, timeout=180, env=env)

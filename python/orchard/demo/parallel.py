@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: F401  before init_process_group: see _init
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -44,6 +45,11 @@ def _init(args) -> torch.device:
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise DemoError(f"--parallel needs cpu or cuda devices, not {device}")
+    # torch._dynamo (imported by torch.optim's first use) keeps references to the default process
+    # group when it is imported after init_process_group. destroy_process_group then cannot free
+    # gloo's worker threads, and at exit one of them may release a tensor while the interpreter
+    # finalizes, which aborts the process (torch 2.15; 1 run in 20 on 2 cores). This module
+    # imports torch._dynamo first; tests/python/test_demo.py checks that the threads end.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=args.timeout))
     return device
