@@ -39,7 +39,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
     const uint32_t sK = sQ + QTile::kBytes;        // [2] stages
     const uint32_t sV = sK + 2 * KVTile::kBytes;  // [2] stages
 
-    const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    // Causal (a right window, no left one): later query blocks see more keys, so they are started
+    // first (blocks start in blockIdx.x order) and the grid's last wave holds the shortest ones.
+    const bool longest_first = p.window_right < kUnbounded && p.window_left >= kUnbounded;
+    const int m_block = longest_first ? int(gridDim.x - 1 - blockIdx.x) : int(blockIdx.x);
+    const int h = blockIdx.y, b = blockIdx.z;
     const Seq s = seq_of(p, b);
     const int64_t m0 = int64_t(m_block) * kBM;
     if (m0 >= s.sq) return;
