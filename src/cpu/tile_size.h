@@ -44,6 +44,10 @@ inline TileSize bwd_tile_size(int64_t D, int64_t Dv) {
     return {64, 64};
 }
 
+// The most memory one task of the backward's fused pass may hold in private buffers (its dQ
+// accumulator; its packed q and dout); threads of them are live at once.
+inline constexpr int64_t kMaxTaskBufferBytes = int64_t(64) << 20;
+
 // Whether the backward computes dQ inside the dK/dV pass (5 block matmuls instead of 7). That
 // pass then runs one task per (batch, kv head) with a private dQ buffer of `dq_bytes`.
 inline bool fuse_dq(int64_t kv_tasks, int threads, int64_t dq_bytes, bool varlen) {
@@ -53,15 +57,14 @@ inline bool fuse_dq(int64_t kv_tasks, int threads, int64_t dq_bytes, bool varlen
     // pass saves 2 of 7 matmuls, so up to 1.25x imbalance still wins).
     const int64_t rounds = (kv_tasks + threads - 1) / threads;
     if (kv_tasks < threads || 4 * rounds * threads > 5 * kv_tasks) return false;
-    // Bound the private buffers (threads of them are live at once).
-    return dq_bytes <= (int64_t(64) << 20);
+    return dq_bytes <= kMaxTaskBufferBytes;
 }
 
 // The same choice for the bf16-GEMM backward, from the problem alone (never the thread count), so
 // that its results do not depend on the thread count: its fused and two-pass variants round dS
 // in different orientations. 16 (batch, kv head) pairs keep up to 16 threads busy.
 inline bool fuse_dq_bf16(int64_t kv_tasks, int64_t dq_bytes, bool varlen) {
-    return !varlen && kv_tasks >= 16 && dq_bytes <= (int64_t(64) << 20);
+    return !varlen && kv_tasks >= 16 && dq_bytes <= kMaxTaskBufferBytes;
 }
 
 }  // namespace orchard::cpu
