@@ -127,7 +127,8 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
     if (j0 >= sk) return;
     const int64_t cols = std::min(ts.block_k, sk - j0), group = p.Hq / p.Hkv;
     const int64_t L = lanes<A>(), bq = ts.block_q, fk = p.first_k(b), fq = p.first_q(b);
-    const int64_t ldd = round_up(p.D, L), ldv = round_up(p.Dv, L), ldk = round_up(cols, L);
+    const int64_t ldd = round_up(p.D, L), ldv = round_up(p.Dv, L);
+    const int64_t ldk = transposed_ld(cols, L, sizeof(A));
 
     auto kt = alloc_tile<A>(p.D * ldk);   // (D, ldk)
     auto vt = alloc_tile<A>(p.Dv * ldk);  // (Dv, ldk)
@@ -199,7 +200,7 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
     if (i0 >= sq) return;
     const int64_t rows = std::min(ts.block_q, sq - i0), hk = h / (p.Hq / p.Hkv);
     const int64_t L = lanes<A>(), bk = ts.block_k, fk = p.first_k(b), fq = p.first_q(b);
-    const int64_t ldd = round_up(p.D, L), ldq = round_up(rows, L);
+    const int64_t ldd = round_up(p.D, L), ldq = transposed_ld(rows, L, sizeof(A));
 
     auto qt = alloc_tile<A>(p.D * ldq);     // (D, ldq)
     auto dot = alloc_tile<A>(p.Dv * ldq);   // dout^T (Dv, ldq)

@@ -84,7 +84,8 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
     const int64_t rows = std::min(ts.block_q, sq - i0);
     const int64_t hk = h / (p.Hq / p.Hkv);
     const int64_t fq = p.first_q(b), fk = p.first_k(b);
-    const int64_t bk = ts.block_k, ldq = round_up(rows, L), ldv = round_up(p.Dv, L);
+    const int64_t bk = ts.block_k, ldv = round_up(p.Dv, L);
+    const int64_t ldq = transposed_ld(rows, L, sizeof(A));
     const int64_t lds = round_up(std::min(kFwdPassQ, rows), L);
 
     // Tiles: qt (D, ldq), k (bk, D), v (bk, ldv), st (bk, lds), acc (rows, ldv).

@@ -147,6 +147,22 @@ TEST(SimdDispatch, LevelIsCappedByTheEnvironment) {
     EXPECT_STREQ(cpu::to_string(cpu::SimdLevel::avx2), "avx2");
 }
 
+// Transposed tiles' leading dims: at least n, whole vectors, never a multiple of 512 bytes, and
+// at most one vector more than needed.
+TEST(TileSize, TransposedLeadingDimAvoidsL1SetConflicts) {
+    for (int64_t n = 1; n <= 600; ++n)
+        for (int64_t m : {4, 8, 16})
+            for (int64_t bytes : {2, 4, 8}) {
+                const int64_t ld = cpu::transposed_ld(n, m, bytes);
+                EXPECT_GE(ld, n);
+                EXPECT_EQ(ld % m, 0);
+                EXPECT_NE(ld * bytes % 512, 0) << "n=" << n << " m=" << m << " bytes=" << bytes;
+                EXPECT_LE(ld, cpu::round_up(n, m) + m);
+            }
+    EXPECT_EQ(cpu::transposed_ld(256, 8, 4), 264);  // 1 KiB rows: the case that was slow
+    EXPECT_EQ(cpu::transposed_ld(288, 8, 4), 288);
+}
+
 TEST(TileSize, FitsL2AndVectorWidths) {
     for (int64_t d = 1; d <= 512; d += 7)
         for (int64_t dv : {int64_t(1), d, int64_t(512)}) {
