@@ -2,9 +2,11 @@
 
 Forward, backward and forward+backward over sequence lengths, head dims 64 and 128, causal and
 not, fp32 and bf16; FLOPs by DESIGN.md's formula; each figure also as a fraction of this run's
-measured matmul ceiling (torch.matmul, same dtype). Writes JSON and a PNG plot.
+measured matmul ceiling (torch.matmul, same dtype). Each repetition times Orchard's call and then
+SDPA's, so that a shared machine's drift over minutes hits both alike; figures are the median
+over repetitions. Writes JSON and a PNG plot.
 
-    python bench/bench_torch_cpu.py --out docs/bench
+    python bench/bench_torch_cpu.py --out docs/bench [--dtypes float32] [--seqlens 512,1024]
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ import orchard
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timed(fn, reps: int) -> float:
     """Median seconds of fn() over reps runs, after one warm-up run."""
     fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(reps))
 
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 2048) -> float:
@@ -81,12 +84,18 @@ def measure(B, S, H, D, causal, dtype_name, reps):
     dtype = DTYPES[dtype_name]
     flops = 4 * B * H * S * S * D / (2 if causal else 1)
     row = {"B": B, "S": S, "H": H, "D": D, "causal": causal, "dtype": dtype_name}
-    for impl in ("orchard", "sdpa"):
-        forward, backward, fwd_bwd = attention_fns(impl, B, S, H, D, causal, dtype)
-        t_fwd = timed(forward, reps)
-        backward()  # warm-up
-        t_bwd = statistics.median(backward() for _ in range(reps))
-        t_all = timed(fwd_bwd, reps)
+    impls = ("orchard", "sdpa")
+    fns = {impl: attention_fns(impl, B, S, H, D, causal, dtype) for impl in impls}
+    times = {impl: {"fwd": [], "bwd": [], "fwd_bwd": []} for impl in impls}
+    for forward, backward, fwd_bwd in fns.values():  # warm-up
+        forward(), backward(), fwd_bwd()
+    for _ in range(reps):  # the two implementations alternate within each repetition
+        for impl, (forward, backward, fwd_bwd) in fns.items():
+            times[impl]["fwd"].append(seconds(forward))
+            times[impl]["bwd"].append(backward())
+            times[impl]["fwd_bwd"].append(seconds(fwd_bwd))
+    for impl in impls:
+        t_fwd, t_bwd, t_all = (statistics.median(times[impl][k]) for k in ("fwd", "bwd", "fwd_bwd"))
         row[impl] = {"fwd_s": t_fwd, "bwd_s": t_bwd, "fwd_bwd_s": t_all,
                      "fwd_gflops": flops / t_fwd / 1e9, "bwd_gflops": 2.5 * flops / t_bwd / 1e9,
                      "fwd_bwd_gflops": 3.5 * flops / t_all / 1e9}
@@ -139,6 +148,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=8192, help="B * S per measurement")
     parser.add_argument("--hidden", type=int, default=1024, help="H * D per measurement")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset")
     parser.add_argument("--table", help="print the markdown table of a JSON this script wrote")
     args = parser.parse_args()
     if args.table:
@@ -147,12 +157,16 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    ceilings = {name: matmul_ceiling(dt) for name, dt in DTYPES.items()}
+    dtypes = args.dtypes.split(",")
+    unknown = [name for name in dtypes if name not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: {unknown} not among {list(DTYPES)}")
+    ceilings = {name: matmul_ceiling(DTYPES[name]) for name in dtypes}
     rows = []
     for S in map(int, args.seqlens.split(",")):
         for D in (64, 128):
             for causal in (False, True):
-                for dtype_name in DTYPES:
+                for dtype_name in dtypes:
                     B, H = max(1, args.tokens // S), args.hidden // D
                     row = measure(B, S, H, D, causal, dtype_name, args.reps)
                     for impl in ("orchard", "sdpa"):
