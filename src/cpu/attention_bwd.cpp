@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/thread_pool.h"
+#include "cpu/first_touch.h"
 #include "cpu/gemm_bf16.h"
 #include "cpu/packed_heads.h"
 #include "cpu/tile_ops-inl.h"
@@ -425,31 +426,14 @@ inline void bwd_bf16(const AttentionParams& p, const TileSize& ts, const float* 
     }
 }
 
-// Faults in the pages of the gradients before the passes, one store per 4 KiB page, each task a
-// contiguous run of 64 pages. The passes' threads write 256-byte rows of different heads into the
-// same pages of a (B, S, H, D) tensor at the same time; into freshly mapped memory (a framework's
-// new gradient tensors, whose pages glibc maps on every call) those first touches contend on
-// each page. On a 16-core Xeon this made the backward at S = 1024 run at 0.25-0.7x its speed on
-// memory already in use; touched first, 0.8-0.9x. Dense gradients only (any dim order),
-// never varlen; every element touched is written by the passes afterwards.
+// The gradients' pages before the passes (first_touch.h): every element is written afterwards.
+// Dense gradients only, never varlen.
 template <class T>
 void fault_in_gradients(const AttentionParams& p) {
     if (p.is_varlen()) return;
-    const struct {
-        void* data;
-        int64_t S, H, D;
-        Strides st;
-    } grads[] = {{p.dq, p.Sq, p.Hq, p.D, p.dq_st}, {p.dk, p.Sk, p.Hkv, p.D, p.dk_st},
-                 {p.dv, p.Sk, p.Hkv, p.Dv, p.dv_st}};
-    constexpr int64_t kPage = 4096 / int64_t(sizeof(T)), kRun = 64 * kPage;
-    for (const auto& g : grads) {
-        const int64_t n = g.data ? dense_elements(p.B, g.S, g.H, g.D, g.st) : 0;
-        T* base = static_cast<T*>(g.data);
-        auto touch = [&](int64_t r) {
-            for (int64_t i = r * kRun; i < std::min(n, (r + 1) * kRun); i += kPage) base[i] = T{};
-        };
-        if (n > 0) parallel_for(ceil_div(n, kRun), touch);
-    }
+    fault_in<T>(p.dq, p.B, p.Sq, p.Hq, p.D, p.dq_st);
+    fault_in<T>(p.dk, p.B, p.Sk, p.Hkv, p.D, p.dk_st);
+    fault_in<T>(p.dv, p.B, p.Sk, p.Hkv, p.Dv, p.dv_st);
 }
 
 template <class T>
