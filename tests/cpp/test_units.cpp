@@ -11,6 +11,7 @@
 #include <regex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "cases.h"
 #include "core/dtype_convert.h"
@@ -20,6 +21,7 @@
 #include "core/philox.h"
 #include "core/thread_pool.h"
 #include "cpu/simd_dispatch.h"
+#include "cpu/first_touch.h"
 #include "cpu/tile.h"
 #include "cpu/tile_size.h"
 
@@ -187,6 +189,18 @@ TEST(TileSize, FitsL2AndVectorWidths) {
                 EXPECT_EQ(cpu::bwd_tile_size(d, dv).block_k % 24, 0);
             }
         }
+}
+
+// fault_in writes one zero at the start of each 4 KiB page of a dense tensor and nothing else;
+// a view that is not dense is left alone.
+TEST(DenseElements, FaultInTouchesOneElementPerPageOfDenseTensors) {
+    const int64_t B = 3, S = 100, H = 4, D = 32, n = B * S * H * D;  // 150 KiB of floats
+    std::vector<float> x(size_t(n), 1.f);
+    cpu::fault_in<float>(x.data(), B, S, H, D, {S * H * D, H * D, D, 1});
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(x[size_t(i)], i % 1024 == 0 ? 0.f : 1.f) << i;
+    std::fill(x.begin(), x.end(), 1.f);
+    cpu::fault_in<float>(x.data(), B, S, H, D / 2, {S * H * D, H * D, D, 1});  // half the rows
+    EXPECT_EQ(std::count(x.begin(), x.end(), 1.f), n);
 }
 
 TEST(DenseElements, OnlyLayoutsThatTileOneRangeExactly) {
