@@ -64,17 +64,28 @@ def test_demo_fails_loudly_on_wrong_gradients(tmp_path, monkeypatch, capsys):
 
 
 # Runs the demo's command line in a torchrun rank, then fails (status 3) if the rank has more
-# threads than before it: destroy_process_group must have freed gloo's workers, or one of them may
-# abort the process at exit (see orchard/demo/parallel.py's _init).
+# threads after destroy_process_group than it had just before init_process_group: the group's
+# gloo workers must be gone, or one of them may abort the process at exit (see _init in
+# orchard/demo/parallel.py). Counting at those two calls leaves out threads that torch or a GPU
+# driver start beforehand.
 RANK_SCRIPT = """
 import os, sys
+import torch.distributed as dist
 from orchard.__main__ import main
 threads = lambda: len(os.listdir("/proc/self/task"))
-before = threads()
+counts = {}
+init, destroy = dist.init_process_group, dist.destroy_process_group
+def counted_init(*args, **kwargs):
+    counts["before"] = threads()
+    return init(*args, **kwargs)
+def counted_destroy(*args, **kwargs):
+    destroy(*args, **kwargs)
+    counts["after"] = threads()
+dist.init_process_group, dist.destroy_process_group = counted_init, counted_destroy
 status = main(sys.argv[1:])
-if threads() > before:
-    print(f"rank {os.environ['RANK']}: {threads() - before} thread(s) outlive the demo's "
-          f"process group", file=sys.stderr)
+if counts["after"] > counts["before"]:
+    print(f"rank {os.environ['RANK']}: {counts['after'] - counts['before']} thread(s) outlive "
+          f"the demo's process group", file=sys.stderr)
     sys.exit(3)
 sys.exit(status)
 """
