@@ -461,7 +461,8 @@ void bwd_typed(const AttentionParams& p) {
     const int64_t ldv = round_up(p.Dv, lanes<A>());
     const int64_t dq_bytes = group * p.Sq * ldd * int64_t(sizeof(A));
     // The fused pass packs q and dout once per task when they fit beside dQ (FusedRows).
-    const bool pack_once = dq_bytes / ldd * (2 * ldd + ldv) <= kMaxTaskBufferBytes;
+    const bool pack_once =
+        group * p.Sq * (2 * ldd + ldv) * int64_t(sizeof(A)) <= kMaxTaskBufferBytes;
     const bool need_dq = p.dq != nullptr, need_dkdv = p.dk != nullptr || p.dv != nullptr;
     if (need_dq && need_dkdv && fuse_dq(kv_heads, pool_threads(), dq_bytes, p.is_varlen())) {
         // One task per (batch, kv head): all its key blocks in order, dQ in a private buffer.
