@@ -260,6 +260,29 @@ struct DqElems {
     }
 };
 
+// A warp's 16 rows of dK and dV (keys row0.. of kv head hk) from fp32 accumulators, or of dQ
+// (queries row0.. of head h). dS was kept unscaled, so dK and dQ take the softmax scale here.
+template <class T, int kD>
+__device__ __forceinline__ void store_dkdv(const KernelParams& p, const Seq& s, int b, int hk, int64_t row0,
+                                           const float (&acc_dk)[kD / 8][4], const float (&acc_dv)[kD / 8][4]) {
+    const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
+    if (p.dk) {
+        T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + s.first_k * p.dk_st.s + int64_t(hk) * p.dk_st.h;
+        store_rows<kD, T>(dk, p.dk_st.s, row0, s.sk, p.D, acc_dk, scale);
+    }
+    if (p.dv) {
+        T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + s.first_k * p.dv_st.s + int64_t(hk) * p.dv_st.h;
+        store_rows<kD, T>(dv, p.dv_st.s, row0, s.sk, p.D, acc_dv, one);
+    }
+}
+template <class T, int kD>
+__device__ __forceinline__ void store_dq(const KernelParams& p, const Seq& s, int b, int h, int64_t row0,
+                                         const float (&acc_dq)[kD / 8][4]) {
+    const float scale[2] = {p.scale, p.scale};
+    T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + s.first_q * p.dq_st.s + int64_t(h) * p.dq_st.h;
+    store_rows<kD, T>(dq, p.dq_st.s, row0, s.sq, p.D, acc_dq, scale);
+}
+
 // acc1 = A1 B1^T and acc2 = A2 B2^T for a warp's 16 rows row0.. of A1, A2 (kD columns each) against
 // the kN rows of B1, B2 (pitch-kP shared tiles): S^T and dP^T of the dK/dV kernel, S and dP of
 // the dQ kernel. A1 and A2 share their fragment addresses, as do B1 and B2.
@@ -382,15 +405,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const
     }
     cp_async_wait<0>();  // keys no query sees skip the loop: their K/V copies end here
 
-    const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};  // dS was kept unscaled
-    if (p.dk) {
-        T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + s.first_k * p.dk_st.s + int64_t(hk) * p.dk_st.h;
-        store_rows<kD, T>(dk, p.dk_st.s, n0 + kr, s.sk, p.D, acc_dk, scale);
-    }
-    if (p.dv) {
-        T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + s.first_k * p.dv_st.s + int64_t(hk) * p.dv_st.h;
-        store_rows<kD, T>(dv, p.dv_st.s, n0 + kr, s.sk, p.D, acc_dv, one);
-    }
+    store_dkdv<T, kD>(p, s, b, hk, n0 + kr, acc_dk, acc_dv);
 }
 
 // ---- 3. dQ ----------------------------------------------------------------------------------
@@ -479,9 +494,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const K
     }
     cp_async_wait<0>();
 
-    const float scale[2] = {p.scale, p.scale};  // dS was kept unscaled
-    T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + s.first_q * p.dq_st.s + int64_t(h) * p.dq_st.h;
-    store_rows<kD, T>(dq, p.dq_st.s, m0 + qr, s.sq, p.D, acc_dq, scale);
+    store_dq<T, kD>(p, s, b, h, m0 + qr, acc_dq);
 }
 
 // ---- launch ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "cuda/attention_bwd.cuh"
+#include "cuda/attention_bwd_sm90_ws.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace orchard::cuda::sm90 {
@@ -155,15 +156,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_
     }
     cp_async_wait<0>();  // keys no query sees skip the loop: their K/V copies end here
 
-    const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};  // dS was kept unscaled
-    if (p.dk) {
-        T* out = static_cast<T*>(p.dk) + b * p.dk_st.b + s.first_k * p.dk_st.s + int64_t(hk) * p.dk_st.h;
-        store_rows<kD, T>(out, p.dk_st.s, n0 + kr, s.sk, p.D, acc_dk, scale);
-    }
-    if (p.dv) {
-        T* out = static_cast<T*>(p.dv) + b * p.dv_st.b + s.first_k * p.dv_st.s + int64_t(hk) * p.dv_st.h;
-        store_rows<kD, T>(out, p.dv_st.s, n0 + kr, s.sk, p.D, acc_dv, one);
-    }
+    store_dkdv<T, kD>(p, s, b, hk, n0 + kr, acc_dk, acc_dv);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
 #endif
@@ -259,9 +252,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_
     }
     cp_async_wait<0>();
 
-    const float scale[2] = {p.scale, p.scale};  // dS was kept unscaled
-    T* out = static_cast<T*>(p.dq) + b * p.dq_st.b + s.first_q * p.dq_st.s + int64_t(h) * p.dq_st.h;
-    store_rows<kD, T>(out, p.dq_st.s, m0 + qr, s.sq, p.D, acc_dq, scale);
+    store_dq<T, kD>(p, s, b, h, m0 + qr, acc_dq);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
 #endif
@@ -284,6 +275,19 @@ void launch_bwd(const KernelParams& p, cudaStream_t stream) {
         kernel<<<dq_grid, DqCfg::kThreads, DqCfg::kDqSmem, stream>>>(p);
         check_cuda(cudaGetLastError(), "backward dQ kernel launch (sm90)");
     }
+}
+
+// The warp-specialised kernels wherever they apply (p.tma, no varlen, tensors TMA can describe),
+// in the shapes that measured fastest on the H200 (bf16, same run; docs/PERFORMANCE.md): one
+// compute warpgroup a block and two blocks an SM up to kD = 96, two warpgroups and one block at
+// 128. Against BwdShapes' kernels: +10 to +20% at 64, +50% at 80 and 96 (Phi-2: 169 -> 259
+// TFLOP/s), +4 to +23% at 128.
+template <class T, int kD>
+void run_bwd(const KernelParams& p, cudaStream_t stream) {
+    using Ws = std::conditional_t<kD == 128, WsBwdConfig<kD, 2, 1>, WsBwdConfig<kD, 1, 2>>;
+    if (p.tma && launch_bwd_ws<T, Ws, Ws>(p, stream)) return;
+    using Shapes = BwdShapes<kD>;
+    launch_bwd<T, typename Shapes::Dkv, typename Shapes::Dq>(p, stream);
 }
 
 }  // namespace orchard::cuda::sm90

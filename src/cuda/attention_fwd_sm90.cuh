@@ -7,6 +7,7 @@
 #pragma once
 
 #include "cuda/attention_fwd.cuh"
+#include "cuda/attention_fwd_sm90_ws.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace orchard::cuda::sm90 {
@@ -140,16 +141,28 @@ void launch_fwd(const KernelParams& p, cudaStream_t stream) {
     check_cuda(cudaGetLastError(), "forward kernel launch (sm90)");
 }
 
-// Which shape runs (measured on the H200, bf16, against the default shape in the same run, three
-// alternating repetitions): at kD = 128 and at most 2048 keys, one warpgroup and 64 keys a tile
-// (two blocks an SM: one's prologue and epilogue overlap the other's products) ran 1-10% faster
-// (512-2048 keys, causal and not); past that the default shape was as fast or faster (StarCoder2-3B
-// at 16k: 387 against 369 TFLOP/s).
-// At kD = 80 the default shape ran as fast as two-warpgroup 64-key blocks two an SM (which spill)
-// and 6-12% faster than one-warpgroup blocks, except 2% slower than 64-key ones at 1k keys
+// Which kernel and shape runs (measured on the H200, bf16, same-run A/Bs; docs/PERFORMANCE.md).
+// The warp-specialised kernel wherever it applies (p.tma, no varlen, tensors TMA can describe):
+// against this file's kernel it ran 3-46% faster (hdim 128: +34% at 1k, +46% at 4k). Its shape:
+// two compute warpgroups and 128-key tiles up to kD = 128 (64 past it); at kD = 64 three groups
+// (192 query rows) ran 9-13% faster from 4k and at 1k non-causal, 6% slower causal at 1k (the
+// last, short blocks of a causal grid hold more rows), so short causal runs keep two. Three
+// stages instead of two, and FlashAttention 3's ping-pong of the two groups' products (as
+// implemented here, with named barriers), measured no better: -3 to +3% and -10 to -35%.
+// This file's kernel (varlen, other layouts, ORCHARD_CUDA_TMA=0): at kD = 128 and at most 2048
+// keys one warpgroup and 64-key tiles ran 1-10% faster than the default shape; at kD = 80 the
+// default shape ran as fast as or faster than the others tried
 // (docs/bench/cuda-hd80-shapes-2026-12-02.txt).
 template <class T, int kD>
 void run_fwd(const KernelParams& p, cudaStream_t stream) {
+    if (p.tma) {
+        constexpr int kBN = kD <= 128 ? 128 : 64;
+        if constexpr (kD == 64) {
+            const bool short_causal = p.window_right < kUnbounded && p.window_left >= kUnbounded && p.Sk <= 1024;
+            if (!short_causal && launch_fwd_ws<T, WsConfig<kD, 3, kBN>>(p, stream)) return;
+        }
+        if (launch_fwd_ws<T, WsConfig<kD, 2, kBN>>(p, stream)) return;
+    }
     if constexpr (kD == 128) {
         if (p.Sk <= 2048) return sm90::launch_fwd<T, FwdConfig<kD, 1, 64>>(p, stream);
     }

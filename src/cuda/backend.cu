@@ -152,11 +152,20 @@ bool use_sm90(int device) {
 #endif
 }
 
+// Whether the wgmma kernels' warp-specialised versions run where they apply: unless
+// ORCHARD_CUDA_TMA is "0" (the switch that lets tests and benchmarks run the cp.async wgmma
+// kernels on every case, not only on the varlen ones that always take them).
+bool use_tma() {
+    const char* env = std::getenv("ORCHARD_CUDA_TMA");
+    return env == nullptr || std::string(env) != "0";
+}
+
 void attention_fwd(const AttentionParams& a) {
     const DeviceScope scope(a.device.index);
     const Variant& v = *find_variant(a.D);
     KernelParams p = make_kernel_params(a);
     p.sm90 = use_sm90(a.device.index);
+    p.tma = p.sm90 && use_tma();
     (a.dtype == DType::f16 ? v.fwd_f16 : v.fwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 
@@ -165,6 +174,7 @@ void attention_bwd(const AttentionParams& a) {
     const Variant& v = *find_variant(a.D);
     KernelParams p = make_kernel_params(a);
     p.sm90 = use_sm90(a.device.index);
+    p.tma = p.sm90 && use_tma();
     (a.dtype == DType::f16 ? v.bwd_f16 : v.bwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 

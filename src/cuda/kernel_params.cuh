@@ -53,6 +53,7 @@ struct KernelParams {
     uint64_t seed;
     uint32_t offset;
     bool sm90;  // run the wgmma kernels (a Hopper device and an sm_90a build; backend.cu)
+    bool tma;   // ... and among them the warp-specialised ones, loading by TMA (backend.cu)
 };
 
 // Where sequence b lives and how long it is. Varlen lengths are clamped to the declared

@@ -36,10 +36,7 @@ void run_fwd(const KernelParams& p, cudaStream_t stream) {
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream) {
     if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128)
-        if (p.sm90) {
-            using Shapes = sm90::BwdShapes<kD>;
-            return sm90::launch_bwd<T, typename Shapes::Dkv, typename Shapes::Dq>(p, stream);
-        }
+        if (p.sm90) return sm90::run_bwd<T, kD>(p, stream);
     launch_bwd<T, BwdConfigFor<kD>>(p, stream);
 }
 

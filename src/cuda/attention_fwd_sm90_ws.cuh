@@ -1,0 +1,168 @@
+// The warp-specialised Hopper forward (sm_90a), FlashAttention 3's structure, for padded (not
+// varlen) batches whose tensors the copy engine can describe (launch_fwd_ws says false
+// otherwise, and attention_fwd_sm90_kernel runs). Tiles arrive by TMA (tma.cuh) instead of
+// cp.async; the products, the overlap of P V with the next softmax and the softmax itself
+// (fwd_softmax_tile) are attention_fwd_sm90_kernel's.
+#pragma once
+
+#include "cuda/attention_fwd.cuh"
+#include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace orchard::cuda::sm90 {
+
+// Warpgroup 0 is the producer: one of its threads
+// issues every load of the block by TMA (Q once, then K and V tiles into rings of kStages stages
+// each, in the order the loop below uses them: K_0, K_1, V_0, K_2, V_1, ...), and the group gives
+// most of its registers to the others (setmaxnreg). Warpgroups 1..kWG each own 64 query rows and
+// run attention_fwd_sm90_kernel's loop, but wait on a stage's "full" barrier for its bytes instead
+// of on cp.async and a block barrier, and free the stage ("empty" barrier, one arrival a warp) as
+// soon as their products have read it: the compute groups never wait for each other, and no
+// compute thread spends an instruction on addresses or copies.
+template <int kD_, int kWG_, int kBN_, int kStages_ = 2>
+struct WsConfig {
+    static constexpr int kD = kD_, kWG = kWG_, kBN = kBN_, kStages = kStages_;
+    static constexpr int kBM = 64 * kWG, kThreads = 128 * (kWG + 1);
+    using QTile = SwizzledTile<kBM, kD>;
+    using KVTile = SwizzledTile<kBN, kD>;
+    static constexpr int kComputeRegs = compute_regs(kWG, 1);  // 240 at kWG = 2, 160 at 3
+    using KVRing = Ring<kStages>;
+    // Q, the K and V rings, Q's barrier and the rings' barriers; 1024 to align Q to the swizzle atom.
+    static constexpr size_t kSmemBytes =
+        QTile::kBytes + 2 * kStages * size_t(KVTile::kBytes) + 8 + 2 * KVRing::kBarrierBytes + 1024;
+};
+
+// The tensor maps of one call: Q in boxes of kBM rows, K and V in boxes of kBN.
+struct FwdMaps {
+    TileMaps q, k, v;
+};
+
+template <class T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    attention_fwd_ws_kernel(const KernelParams p, const __grid_constant__ FwdMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int kD = Cfg::kD, kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages;
+    constexpr int kNT = kBN / 8, kDT = kD / 8;
+    using QTile = typename Cfg::QTile;
+    using KVTile = typename Cfg::KVTile;
+    extern __shared__ unsigned char smem_raw[];
+    const uint32_t sQ = (smem_addr(smem_raw) + 1023) & ~1023u;
+    const uint32_t sK = sQ + QTile::kBytes;             // [kStages]
+    const uint32_t sV = sK + kStages * KVTile::kBytes;  // [kStages]
+    const uint32_t q_full = sV + kStages * KVTile::kBytes;
+    const typename Cfg::KVRing k_ring{q_full + 8}, v_ring{q_full + 8 + Cfg::KVRing::kBarrierBytes};
+
+    const bool longest_first = p.window_right < kUnbounded && p.window_left >= kUnbounded;
+    const int m_block = longest_first ? int(gridDim.x - 1 - blockIdx.x) : int(blockIdx.x);
+    const int h = blockIdx.y, b = blockIdx.z;
+    const Seq s = seq_of(p, b);
+    const int64_t m0 = int64_t(m_block) * kBM;
+    const int hk = h / (p.Hq / p.Hkv);
+    const auto [n_first, n_end] = key_tiles(p, s, m0, kBM, kBN);
+    const int tiles = n_end - n_first;
+
+    if (threadIdx.x == 0) {
+        mbarrier_init(q_full, 1);
+        k_ring.init(4 * Cfg::kWG);
+        v_ring.init(4 * Cfg::kWG);
+        fence_barrier_init();
+    }
+    __syncthreads();  // the last block-wide barrier: the groups part here
+
+    if (threadIdx.x < 128) {  // the producer
+        setmaxnreg_dec<kProducerRegs>();
+        if (threadIdx.x != 0) return;
+        mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
+        load_swizzled_tma<QTile>(sQ, maps.q, q_full, h, int(m0), b);
+        auto load = [&](const typename Cfg::KVRing& ring, uint32_t tiles_at, const TileMaps& map, int i) {
+            const uint32_t full = ring.acquire(i, KVTile::kBytes);
+            load_swizzled_tma<KVTile>(tiles_at + (i % kStages) * KVTile::kBytes, map, full, hk,
+                                      (n_first + i) * kBN, b);
+        };
+        for (int i = 0; i <= tiles; ++i) {
+            if (i < tiles) load(k_ring, sK, maps.k, i);
+            if (i > 0) load(v_ring, sV, maps.v, i - 1);
+        }
+        return;
+    }
+
+    setmaxnreg_inc<Cfg::kComputeRegs>();
+    const int warp = threadIdx.x / 32 - 4, wg = warp / 4;
+    const ScoreMod mod = score_mod(p, b, h);
+    float acc_o[1][kDT][4] = {};
+    float(&o)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_o);
+    RowStats<1> stats;
+    const int warp_row0 = warp * 16;  // first row of this warp inside the block
+    uint32_t pf[kBN / 16][4];         // P of the previous tile, as wgmma A fragments
+    auto pv = [&](int i) {  // O += P_i V_i, issued
+        v_ring.wait(i);
+        const uint32_t tV = sV + (i % kStages) * KVTile::kBytes;
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs_tile<T, KVTile>(o, pf[ks], tV, ks);
+        wgmma_commit();
+    };
+
+    mbarrier_wait(q_full, 0);
+    // The same overlap as attention_fwd_sm90_kernel: step i issues S_i = Q K_i^T and
+    // O += P_{i-1} V_{i-1}, waits for S_i only, computes P_i, then waits for the P V.
+    for (int i = 0; i < tiles; ++i) {
+        const int64_t n0 = int64_t(n_first + i) * kBN;
+        float acc_s[1][kNT][4];
+        float(&sc)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(acc_s);
+        k_ring.wait(i);
+        wgmma_fence();
+        const uint32_t tK = sK + (i % kStages) * KVTile::kBytes;
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+            wgmma_ss<T, kBN, false>(sc, k_major<QTile>(sQ, wg * 64, kk), k_major<KVTile>(tK, 0, kk), kk > 0);
+        wgmma_commit();
+        if (i > 0) {
+            pv(i - 1);
+            wgmma_wait<1>();
+        } else {
+            wgmma_wait<0>();
+        }
+        fence_regs(sc);
+        k_ring.release(i);
+
+        float rescale[1][2];
+        fwd_softmax_tile(p, s, mod, b, h, m0 + warp_row0, n0, tile_fully_visible(p, s, m0, kBM, n0, kBN),
+                         acc_s, stats, rescale);
+        wgmma_wait<0>();  // P_{i-1} V_{i-1} is in o; pf and V's stage are free
+        fence_regs(o);
+        if (i > 0) v_ring.release(i - 1);
+        rescale_rows(acc_o, rescale);
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) c_to_a<T>(pf[ks], acc_s[0][2 * ks], acc_s[0][2 * ks + 1]);
+    }
+    if (tiles > 0) {  // the last tile's P V
+        wgmma_fence();
+        pv(tiles - 1);
+        wgmma_wait<0>();
+        fence_regs(o);
+    }
+    fwd_epilogue<T, 1, kD>(p, s, b, h, m0 + warp_row0, acc_o, stats);
+#else
+    __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
+#endif
+}
+
+// Launches the warp-specialised kernel where it applies (see above); false where it does not.
+template <class T, class Cfg>
+bool launch_fwd_ws(const KernelParams& p, cudaStream_t stream) {
+    if (p.cu_q != nullptr) return false;
+    FwdMaps maps{};
+    if (!make_tile_maps<typename Cfg::QTile>(maps.q, p.q, p.B, p.Sq, p.Hq, p.D, p.q_st.b, p.q_st.s, p.q_st.h) ||
+        !make_tile_maps<typename Cfg::KVTile>(maps.k, p.k, p.B, p.Sk, p.Hkv, p.D, p.k_st.b, p.k_st.s, p.k_st.h) ||
+        !make_tile_maps<typename Cfg::KVTile>(maps.v, p.v, p.B, p.Sk, p.Hkv, p.D, p.v_st.b, p.v_st.s, p.v_st.h))
+        return false;
+    auto kernel = attention_fwd_ws_kernel<T, Cfg>;
+    set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute (forward, warp-specialised)");
+    const dim3 grid(unsigned((p.Sq + Cfg::kBM - 1) / Cfg::kBM), unsigned(p.Hq), unsigned(p.B));
+    if (grid.x * grid.y * grid.z == 0) return true;
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
+    check_cuda(cudaGetLastError(), "forward kernel launch (warp-specialised)");
+    return true;
+}
+
+}  // namespace orchard::cuda::sm90
