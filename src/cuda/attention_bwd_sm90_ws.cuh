@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
     if (threadIdx.x == 0) {
         mbarrier_init(kv_full, 1);
-        ring.init(4 * Cfg::kWG);
+        ring.init(128 * Cfg::kWG);
         fence_barrier_init();
     }
     __syncthreads();  // the last block-wide barrier: the groups part here
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
     if (threadIdx.x == 0) {
         mbarrier_init(qd_full, 1);
-        ring.init(4 * Cfg::kWG);
+        ring.init(128 * Cfg::kWG);
         fence_barrier_init();
     }
     __syncthreads();  // the last block-wide barrier: the groups part here

@@ -16,7 +16,7 @@ namespace orchard::cuda::sm90 {
 // each, in the order the loop below uses them: K_0, K_1, V_0, K_2, V_1, ...), and the group gives
 // most of its registers to the others (setmaxnreg). Warpgroups 1..kWG each own 64 query rows and
 // run attention_fwd_sm90_kernel's loop, but wait on a stage's "full" barrier for its bytes instead
-// of on cp.async and a block barrier, and free the stage ("empty" barrier, one arrival a warp) as
+// of on cp.async and a block barrier, and free the stage ("empty" barrier, one arrival a thread) as
 // soon as their products have read it: the compute groups never wait for each other, and no
 // compute thread spends an instruction on addresses or copies.
 template <int kD_, int kWG_, int kBN_, int kStages_ = 2>
@@ -63,8 +63,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     if (threadIdx.x == 0) {
         mbarrier_init(q_full, 1);
-        k_ring.init(4 * Cfg::kWG);
-        v_ring.init(4 * Cfg::kWG);
+        k_ring.init(128 * Cfg::kWG);
+        v_ring.init(128 * Cfg::kWG);
         fence_barrier_init();
     }
     __syncthreads();  // the last block-wide barrier: the groups part here

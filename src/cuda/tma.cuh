@@ -138,11 +138,12 @@ __device__ __forceinline__ void load_swizzled_tma(uint32_t tile, const TileMaps&
         tma_load_4d(tile + Tile::kQuarterStart, &maps.quarter, bar, Tile::kD - 16, h, token0, b);
 }
 
-// A ring of kStages shared-memory stages that one producer thread fills by TMA and `warps`
-// compute warps drain: use i of the ring (the i-th tile through it) lives in stage i % kStages.
+// A ring of kStages shared-memory stages that one producer thread fills by TMA and `threads`
+// compute threads drain: use i of the ring (the i-th tile through it) lives in stage i % kStages.
 // Each stage has a "full" barrier (one arrival, the producer's, plus the tile's bytes) and an
-// "empty" one (one arrival per compute warp once its products have read the stage); the phase
-// of use i is i / kStages, so waits test its parity.
+// "empty" one (one arrival per compute thread once it, and the products it issued, are done
+// reading the stage: each thread's arrival releases its own reads, so a stage is refilled only
+// after every read of it); the phase of use i is i / kStages, so waits test its parity.
 template <int kStages_>
 struct Ring {
     static constexpr int kStages = kStages_;
@@ -151,10 +152,10 @@ struct Ring {
 
     __device__ __forceinline__ uint32_t full_of(int i) const { return full + 8 * (i % kStages); }
     __device__ __forceinline__ uint32_t empty_of(int i) const { return full + 8 * (kStages + i % kStages); }
-    __device__ __forceinline__ void init(int warps) const {
+    __device__ __forceinline__ void init(int threads) const {
         for (int s = 0; s < kStages; ++s) {
             mbarrier_init(full_of(s), 1);
-            mbarrier_init(empty_of(s), warps);
+            mbarrier_init(empty_of(s), threads);
         }
     }
     // Producer: waits until use i - kStages has released the stage, announces `bytes` for use i
@@ -164,12 +165,9 @@ struct Ring {
         mbarrier_arrive_expect_tx(full_of(i), bytes);
         return full_of(i);
     }
-    // Compute warps: wait for use i's bytes; release the stage once done reading it.
+    // Compute threads: wait for use i's bytes; release the stage once done reading it.
     __device__ __forceinline__ void wait(int i) const { mbarrier_wait(full_of(i), (i / kStages) & 1); }
-    __device__ __forceinline__ void release(int i) const {
-        __syncwarp();
-        if (threadIdx.x % 32 == 0) mbarrier_arrive(empty_of(i));
-    }
+    __device__ __forceinline__ void release(int i) const { mbarrier_arrive(empty_of(i)); }
 };
 
 // Warp specialisation: a warpgroup gives registers back to the block's pool (dec) or takes
