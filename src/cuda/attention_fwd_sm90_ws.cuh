@@ -16,7 +16,7 @@ namespace orchard::cuda::sm90 {
 // each, in the order the loop below uses them: K_0, K_1, V_0, K_2, V_1, ...), and the group gives
 // most of its registers to the others (setmaxnreg). Warpgroups 1..kWG each own 64 query rows and
 // run attention_fwd_sm90_kernel's loop, but wait on a stage's "full" barrier for its bytes instead
-// of on cp.async and a block barrier, and free the stage ("empty" barrier, one arrival a thread) as
+// of on cp.async and a block barrier, and free the stage ("empty" barrier, one arrival a warp) as
 // soon as their products have read it: the compute groups never wait for each other, and no
 // compute thread spends an instruction on addresses or copies.
 template <int kD_, int kWG_, int kBN_, int kStages_ = 2>
@@ -26,7 +26,7 @@ struct WsConfig {
     using QTile = SwizzledTile<kBM, kD>;
     using KVTile = SwizzledTile<kBN, kD>;
     static constexpr int kComputeRegs = compute_regs(kWG, 1);  // 240 at kWG = 2, 160 at 3
-    using KVRing = Ring<kStages>;
+    using KVRing = Ring<kStages, true>;  // only wgmma reads K and V
     // Q, the K and V rings, Q's barrier and the rings' barriers; 1024 to align Q to the swizzle atom.
     static constexpr size_t kSmemBytes =
         QTile::kBytes + 2 * kStages * size_t(KVTile::kBytes) + 8 + 2 * KVRing::kBarrierBytes + 1024;

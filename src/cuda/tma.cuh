@@ -138,24 +138,28 @@ __device__ __forceinline__ void load_swizzled_tma(uint32_t tile, const TileMaps&
         tma_load_4d(tile + Tile::kQuarterStart, &maps.quarter, bar, Tile::kD - 16, h, token0, b);
 }
 
-// A ring of kStages shared-memory stages that one producer thread fills by TMA and `threads`
-// compute threads drain: use i of the ring (the i-th tile through it) lives in stage i % kStages.
-// Each stage has a "full" barrier (one arrival, the producer's, plus the tile's bytes) and an
-// "empty" one (one arrival per compute thread once it, and the products it issued, are done
-// reading the stage: each thread's arrival releases its own reads, so a stage is refilled only
-// after every read of it); the phase of use i is i / kStages, so waits test its parity.
-template <int kStages_>
+// A ring of kStages shared-memory stages that one producer thread fills by TMA and the compute
+// threads drain: use i of the ring (the i-th tile through it) lives in stage i % kStages. Each
+// stage has a "full" barrier (one arrival, the producer's, plus the tile's bytes) and an "empty"
+// one that the compute side arrives on once done reading the stage; the phase of use i is
+// i / kStages, so waits test its parity. Who arrives: where threads read a stage themselves
+// (ld.shared), every thread, each arrival releasing its own reads (racecheck orders the refill
+// after them only so); where only wgmma products read it (kWarpRelease), one arrival a warp
+// after its wgmma wait: 8x fewer arrivals, which measured 3-10% faster in the forward.
+template <int kStages_, bool kWarpRelease_ = false>
 struct Ring {
     static constexpr int kStages = kStages_;
+    static constexpr bool kWarpRelease = kWarpRelease_;
     static constexpr int kBarrierBytes = 16 * kStages;  // full[kStages], then empty[kStages]
     uint32_t full;                                      // shared address of the barriers
 
     __device__ __forceinline__ uint32_t full_of(int i) const { return full + 8 * (i % kStages); }
     __device__ __forceinline__ uint32_t empty_of(int i) const { return full + 8 * (kStages + i % kStages); }
+    // `threads`: the compute threads.
     __device__ __forceinline__ void init(int threads) const {
         for (int s = 0; s < kStages; ++s) {
             mbarrier_init(full_of(s), 1);
-            mbarrier_init(empty_of(s), threads);
+            mbarrier_init(empty_of(s), kWarpRelease ? threads / 32 : threads);
         }
     }
     // Producer: waits until use i - kStages has released the stage, announces `bytes` for use i
@@ -167,7 +171,14 @@ struct Ring {
     }
     // Compute threads: wait for use i's bytes; release the stage once done reading it.
     __device__ __forceinline__ void wait(int i) const { mbarrier_wait(full_of(i), (i / kStages) & 1); }
-    __device__ __forceinline__ void release(int i) const { mbarrier_arrive(empty_of(i)); }
+    __device__ __forceinline__ void release(int i) const {
+        if constexpr (kWarpRelease) {
+            __syncwarp();
+            if (threadIdx.x % 32 == 0) mbarrier_arrive(empty_of(i));
+        } else {
+            mbarrier_arrive(empty_of(i));
+        }
+    }
 };
 
 // Warp specialisation: a warpgroup gives registers back to the block's pool (dec) or takes
