@@ -145,8 +145,9 @@ void launch_fwd(const KernelParams& p, cudaStream_t stream) {
 // The warp-specialised kernel wherever it applies (p.tma, no varlen, tensors TMA can describe):
 // against this file's kernel it ran 3-46% faster (hdim 128: +34% at 1k, +46% at 4k). Its shape:
 // two compute warpgroups and 128-key tiles up to kD = 128 (64 past it); at kD = 64 three groups
-// (192 query rows) ran 9-13% faster from 4k and at 1k non-causal, 6% slower causal at 1k (the
-// last, short blocks of a causal grid hold more rows), so short causal runs keep two. Three
+// (192 query rows) ran 9-13% faster from 4k and at 1k non-causal, but 6% slower causal at 1k
+// (the last, short blocks of a causal grid hold more rows), where one group a block, two blocks
+// an SM, runs instead (as the cp.async kernel does at kD = 64). Three
 // stages instead of two, and FlashAttention 3's ping-pong of the two groups' products (as
 // implemented here, with named barriers), measured no better: -3 to +3% and -10 to -35%.
 // This file's kernel (varlen, other layouts, ORCHARD_CUDA_TMA=0): at kD = 128 and at most 2048
@@ -159,9 +160,12 @@ void run_fwd(const KernelParams& p, cudaStream_t stream) {
         constexpr int kBN = kD <= 128 ? 128 : 64;
         if constexpr (kD == 64) {
             const bool short_causal = p.window_right < kUnbounded && p.window_left >= kUnbounded && p.Sk <= 1024;
-            if (!short_causal && launch_fwd_ws<T, WsConfig<kD, 3, kBN>>(p, stream)) return;
+            if (short_causal ? launch_fwd_ws<T, WsConfig<kD, 1, kBN, 2>>(p, stream)
+                             : launch_fwd_ws<T, WsConfig<kD, 3, kBN>>(p, stream))
+                return;
+        } else {
+            if (launch_fwd_ws<T, WsConfig<kD, 2, kBN>>(p, stream)) return;
         }
-        if (launch_fwd_ws<T, WsConfig<kD, 2, kBN>>(p, stream)) return;
     }
     if constexpr (kD == 128) {
         if (p.Sk <= 2048) return sm90::launch_fwd<T, FwdConfig<kD, 1, 64>>(p, stream);

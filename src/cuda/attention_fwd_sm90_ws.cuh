@@ -19,13 +19,14 @@ namespace orchard::cuda::sm90 {
 // of on cp.async and a block barrier, and free the stage ("empty" barrier, one arrival a warp) as
 // soon as their products have read it: the compute groups never wait for each other, and no
 // compute thread spends an instruction on addresses or copies.
-template <int kD_, int kWG_, int kBN_, int kStages_ = 2>
+// kWG compute warpgroups a block, kBN keys a tile, kMinBlocks blocks an SM.
+template <int kD_, int kWG_, int kBN_, int kMinBlocks_ = 1, int kStages_ = 2>
 struct WsConfig {
-    static constexpr int kD = kD_, kWG = kWG_, kBN = kBN_, kStages = kStages_;
+    static constexpr int kD = kD_, kWG = kWG_, kBN = kBN_, kMinBlocks = kMinBlocks_, kStages = kStages_;
     static constexpr int kBM = 64 * kWG, kThreads = 128 * (kWG + 1);
     using QTile = SwizzledTile<kBM, kD>;
     using KVTile = SwizzledTile<kBN, kD>;
-    static constexpr int kComputeRegs = compute_regs(kWG, 1);  // 240 at kWG = 2, 160 at 3
+    static constexpr int kComputeRegs = compute_regs(kWG, kMinBlocks);  // 240 at kWG = 2, 160 at 3
     using KVRing = Ring<kStages, true>;  // only wgmma reads K and V
     // Q, the K and V rings, Q's barrier and the rings' barriers; 1024 to align Q to the swizzle atom.
     static constexpr size_t kSmemBytes =
@@ -38,7 +39,7 @@ struct FwdMaps {
 };
 
 template <class T, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1)
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     attention_fwd_ws_kernel(const KernelParams p, const __grid_constant__ FwdMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages;
