@@ -15,7 +15,6 @@
 #include <utility>
 
 #include "cuda/attention_bwd.cuh"
-#include "cuda/attention_bwd_sm90_ws.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace orchard::cuda::sm90 {
@@ -48,11 +47,115 @@ struct BwdShapes {
     using Dq = std::conditional_t<kD == 96, BwdConfig<kD, 2, 1>, BwdConfig<kD, 1, kD <= 80 ? 3 : 2>>;
 };
 
+// One step of the dK/dV kernels (this file's and the warp-specialised one) for a warp's 16 keys
+// (kr.. of the block's keys n0..; its warpgroup's K and V rows in sK, sV) against the kStep
+// queries m0.. of head h (tiles tQ, tdO; their lse2 and delta in tLse, tDelta). S^T = K Q^T and
+// dP^T = V dO^T, committed separately so that P is computed while dP^T is multiplied; dV +=
+// (P z)^T dO (dO an MN-major operand) while dS is computed; then dK += dS^T Q. Returns once every
+// product has read its tiles.
+template <class T, class Cfg>
+__device__ __forceinline__ void dkdv_step(const KernelParams& p, const Seq& s, int b, int h, int64_t m0, int64_t n0,
+                                          int kr, uint32_t sK, uint32_t sV, uint32_t tQ, uint32_t tdO,
+                                          const float* tLse, const float* tDelta, float (&acc_dk)[Cfg::kD / 8][4],
+                                          float (&acc_dv)[Cfg::kD / 8][4]) {
+    constexpr int kD = Cfg::kD, kBN = Cfg::kBlock, kBM = Cfg::kStep, kQT = kBM / 8, kDT = kD / 8;
+    using KTile = typename Cfg::BlockTile;
+    using QTile = typename Cfg::StepTile;
+    float(&dk)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dk);
+    float(&dv)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dv);
+    const int wg_row = kr / 64 * 64;  // the warpgroup's first key
+    const ScoreMod mod = score_mod(p, b, h);
+    float st[kQT][4], dpt[kQT][4];
+    float(&st_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(st);
+    float(&dpt_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(dpt);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+        wgmma_ss<T, kBM, false>(st_f, k_major<KTile>(sK, wg_row, kk), k_major<QTile>(tQ, 0, kk), kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+        wgmma_ss<T, kBM, false>(dpt_f, k_major<KTile>(sV, wg_row, kk), k_major<QTile>(tdO, 0, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(st_f);
+
+    const DkdvElems<kQT> el{p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr};
+    float pz[kQT][4];
+    const uint32_t keep = el.probs_of(tile_fully_visible(p, s, m0, kBM, n0, kBN), st, pz, tLse);
+    uint32_t ap[kBM / 16][4], ads[kBM / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ap[ks], pz[2 * ks], pz[2 * ks + 1]);
+    fence_regs(dv);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dv, ap[ks], tdO, ks);
+    wgmma_commit();
+    wgmma_wait<1>();  // dP^T is in
+    fence_regs(dpt_f);
+    el.dS_of(st, dpt, keep, tDelta);
+#pragma unroll
+    for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
+    fence_regs(dk);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dk, ads[ks], tQ, ks);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dv);
+    fence_regs(dk);
+}
+
+// One step of the dQ kernels for a warp's 16 queries (qr.. of the block's queries m0..; its
+// warpgroup's Q and dO rows in sQ, sdO; the thread's rows' lse2 and delta) against the kStep keys
+// n0.. (tiles tK, tV). S = Q K^T and dP = dO V^T, P while dP is multiplied, then dQ += dS K (K an
+// MN-major operand). Returns once every product has read its tiles.
+template <class T, class Cfg>
+__device__ __forceinline__ void dq_step(const KernelParams& p, const Seq& s, const ScoreMod& mod, int64_t bh,
+                                        int64_t m0, int qr, int64_t n0, uint32_t sQ, uint32_t sdO, uint32_t tK,
+                                        uint32_t tV, const float (&lse2)[2], const float (&delta)[2],
+                                        float (&acc_dq)[Cfg::kD / 8][4]) {
+    constexpr int kD = Cfg::kD, kBQ = Cfg::kBlock, kBK = Cfg::kStep, kKT = kBK / 8, kDT = kD / 8;
+    using QTile = typename Cfg::BlockTile;
+    using KTile = typename Cfg::StepTile;
+    float(&dq)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dq);
+    const int wg_row = qr / 64 * 64;  // the warpgroup's first query
+    float acc_s[kKT][4], acc_dp[kKT][4];
+    float(&s_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_s);
+    float(&dp_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_dp);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+        wgmma_ss<T, kBK, false>(s_f, k_major<QTile>(sQ, wg_row, kk), k_major<KTile>(tK, 0, kk), kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+        wgmma_ss<T, kBK, false>(dp_f, k_major<QTile>(sdO, wg_row, kk), k_major<KTile>(tV, 0, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(s_f);
+    const DqElems<kKT> el{p, s, mod, bh, m0, qr, n0};
+    const uint32_t keep = el.probs_of(tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, lse2);
+    wgmma_wait<0>();
+    fence_regs(dp_f);
+    el.dS_of(acc_s, acc_dp, keep, delta);
+    uint32_t a[kBK / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < kBK / 16; ++ks) c_to_a<T>(a[ks], acc_dp[2 * ks], acc_dp[2 * ks + 1]);
+    fence_regs(dq);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBK / 16; ++ks) wgmma_rs_tile<T, KTile>(dq, a[ks], tK, ks);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dq);
+}
+
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_dkdv_sm90_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBN = Cfg::kBlock, kBM = Cfg::kStep, kThreads = Cfg::kThreads;
-    constexpr int kQT = kBM / 8, kDT = kD / 8;
+    constexpr int kDT = kD / 8;
     using KTile = typename Cfg::BlockTile;
     using QTile = typename Cfg::StepTile;
     extern __shared__ unsigned char smem_raw[];
@@ -92,10 +195,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_
     cp_async_commit();
 
     float acc_dk[kDT][4] = {}, acc_dv[kDT][4] = {};
-    float(&dk)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dk);
-    float(&dv)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dv);
-    const int kr = warp * 16;           // this warp's first key inside the block
-    const int wg_row = kr / 64 * 64;    // its warpgroup's
+    const int kr = warp * 16;  // this warp's first key inside the block
     for (int step = 0; step < steps; ++step) {
         const int stage = step & 1;
         cp_async_wait<0>();
@@ -108,51 +208,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_
         const uint32_t tQ = sQ + stage * QTile::kBytes, tdO = sdO + stage * QTile::kBytes;
         const float* tLse = sLse + stage * kBM;
         const float* tDelta = sDelta + stage * kBM;
-        const ScoreMod mod = score_mod(p, b, h);
-
-        // S^T = K Q^T and dP^T = V dO^T: the warpgroup's 64 keys x kBM queries, committed
-        // separately so that P is computed while dP^T is multiplied.
-        float st[kQT][4], dpt[kQT][4];
-        float(&st_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(st);
-        float(&dpt_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(dpt);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBM, false>(st_f, k_major<KTile>(sK, wg_row, kk), k_major<QTile>(tQ, 0, kk), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBM, false>(dpt_f, k_major<KTile>(sV, wg_row, kk), k_major<QTile>(tdO, 0, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_regs(st_f);
-
-        const DkdvElems<kQT> el{p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr};
-        float pz[kQT][4];
-        const uint32_t keep = el.probs_of(tile_fully_visible(p, s, m0, kBM, n0, kBN), st, pz, tLse);
-
-        // dV += (P z)^T dO (dO an MN-major operand) while dS is computed, then dK += dS^T Q.
-        uint32_t ap[kBM / 16][4], ads[kBM / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ap[ks], pz[2 * ks], pz[2 * ks + 1]);
-        fence_regs(dv);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dv, ap[ks], tdO, ks);
-        wgmma_commit();
-        wgmma_wait<1>();  // dP^T is in
-        fence_regs(dpt_f);
-        el.dS_of(st, dpt, keep, tDelta);
-#pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
-        fence_regs(dk);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dk, ads[ks], tQ, ks);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dv);
-        fence_regs(dk);
+        dkdv_step<T, Cfg>(p, s, b, h, m0, n0, kr, sK, sV, tQ, tdO, tLse, tDelta, acc_dk, acc_dv);
     }
     cp_async_wait<0>();  // keys no query sees skip the loop: their K/V copies end here
 
@@ -166,7 +222,7 @@ template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_dq_sm90_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBQ = Cfg::kBlock, kBK = Cfg::kStep, kThreads = Cfg::kThreads;
-    constexpr int kKT = kBK / 8, kDT = kD / 8;
+    constexpr int kDT = kD / 8;
     using QTile = typename Cfg::BlockTile;
     using KTile = typename Cfg::StepTile;
     extern __shared__ unsigned char smem_raw[];
@@ -198,14 +254,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_
     if (n_first < n_end) load_kv(n_first, 0);
     cp_async_commit();
 
-    const int qr = warp * 16;         // this warp's first query inside the block
-    const int wg_row = qr / 64 * 64;  // its warpgroup's
+    const int qr = warp * 16;  // this warp's first query inside the block
     float lse2[2], delta[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) std::tie(lse2[rr], delta[rr]) = row_lse_delta(p, s, b, h, m0 + qr + g + rr * 8);
 
     float acc_dq[kDT][4] = {};
-    float(&dq)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dq);
     for (int n = n_first; n < n_end; ++n) {
         const int stage = (n - n_first) & 1;
         cp_async_wait<0>();
@@ -215,40 +269,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_bwd_
         cp_async_commit();
         const uint32_t tK = sK + stage * KTile::kBytes, tV = sV + stage * KTile::kBytes;
         const int64_t n0 = int64_t(n) * kBK;
-
-        // S = Q K^T and dP = dO V^T: the warpgroup's 64 queries x kBK keys; P is computed while
-        // dP is multiplied.
-        float acc_s[kKT][4], acc_dp[kKT][4];
-        float(&s_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_s);
-        float(&dp_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_dp);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBK, false>(s_f, k_major<QTile>(sQ, wg_row, kk), k_major<KTile>(tK, 0, kk), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBK, false>(dp_f, k_major<QTile>(sdO, wg_row, kk), k_major<KTile>(tV, 0, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_regs(s_f);
-        const DqElems<kKT> el{p, s, mod, bh, m0, qr, n0};
-        const uint32_t keep = el.probs_of(tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, lse2);
-        wgmma_wait<0>();
-        fence_regs(dp_f);
-        el.dS_of(acc_s, acc_dp, keep, delta);
-
-        // dQ += dS K (K an MN-major operand).
-        uint32_t a[kBK / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < kBK / 16; ++ks) c_to_a<T>(a[ks], acc_dp[2 * ks], acc_dp[2 * ks + 1]);
-        fence_regs(dq);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kBK / 16; ++ks) wgmma_rs_tile<T, KTile>(dq, a[ks], tK, ks);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dq);
+        dq_step<T, Cfg>(p, s, mod, bh, m0, qr, n0, sQ, sdO, tK, tV, lse2, delta, acc_dq);
     }
     cp_async_wait<0>();
 
@@ -275,19 +296,6 @@ void launch_bwd(const KernelParams& p, cudaStream_t stream) {
         kernel<<<dq_grid, DqCfg::kThreads, DqCfg::kDqSmem, stream>>>(p);
         check_cuda(cudaGetLastError(), "backward dQ kernel launch (sm90)");
     }
-}
-
-// The warp-specialised kernels wherever they apply (p.tma, no varlen, tensors TMA can describe),
-// in the shapes that measured fastest on the H200 (bf16, same run; docs/PERFORMANCE.md): one
-// compute warpgroup a block and two blocks an SM up to kD = 96, two warpgroups and one block at
-// 128. Against BwdShapes' kernels: +10 to +20% at 64, +50% at 80 and 96 (Phi-2: 169 -> 259
-// TFLOP/s), +4 to +23% at 128.
-template <class T, int kD>
-void run_bwd(const KernelParams& p, cudaStream_t stream) {
-    using Ws = std::conditional_t<kD == 128, WsBwdConfig<kD, 2, 1>, WsBwdConfig<kD, 1, 2>>;
-    if (p.tma && launch_bwd_ws<T, Ws, Ws>(p, stream)) return;
-    using Shapes = BwdShapes<kD>;
-    launch_bwd<T, typename Shapes::Dkv, typename Shapes::Dq>(p, stream);
 }
 
 }  // namespace orchard::cuda::sm90

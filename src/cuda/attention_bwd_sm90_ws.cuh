@@ -1,7 +1,7 @@
 // The warp-specialised Hopper backward (sm_90a), for padded (not varlen) batches whose tensors
 // the copy engine can describe (launch_bwd_ws says false otherwise, and the kernels of
-// attention_bwd_sm90.cuh run). Same two kernels, products and elementwise phases as those; what
-// changes is how tiles arrive. Warpgroup 0 is the producer: one of its threads loads the block's
+// attention_bwd_sm90.cuh run; run_bwd() picks). Same two kernels and the same steps (dkdv_step,
+// dq_step) as those; what changes is how tiles arrive. Warpgroup 0 is the producer: one of its threads loads the block's
 // own tiles once and every step's tiles into a ring of kStages stages by TMA (and a dK/dV step's
 // lse and delta by a bulk copy), and the group gives most of its registers to the compute groups
 // (setmaxnreg). Warpgroups 1..kWG each own 64 of the block's keys (dK/dV) or queries (dQ), wait on
@@ -9,9 +9,8 @@
 // waiting for each other.
 #pragma once
 
-#include "cuda/attention_bwd.cuh"
+#include "cuda/attention_bwd_sm90.cuh"
 #include "cuda/tma.cuh"
-#include "cuda/wgmma.cuh"
 
 namespace orchard::cuda::sm90 {
 
@@ -42,7 +41,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     attention_bwd_dkdv_ws_kernel(const KernelParams p, const __grid_constant__ BwdMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBN = Cfg::kBlock, kBM = Cfg::kStep, kStages = Cfg::kStages;
-    constexpr int kQT = kBM / 8, kDT = kD / 8;
+    constexpr int kDT = kD / 8;
     using KTile = typename Cfg::BlockTile;
     using QTile = typename Cfg::StepTile;
     extern __shared__ unsigned char smem_raw[];
@@ -92,10 +91,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     setmaxnreg_inc<Cfg::kComputeRegs>();
     const int warp = threadIdx.x / 32 - 4;
     float acc_dk[kDT][4] = {}, acc_dv[kDT][4] = {};
-    float(&dk)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dk);
-    float(&dv)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dv);
-    const int kr = warp * 16;         // this warp's first key inside the block
-    const int wg_row = kr / 64 * 64;  // its warpgroup's
+    const int kr = warp * 16;  // this warp's first key inside the block
     mbarrier_wait(kv_full, 0);        // also where no query sees the block: no load outlives it
     for (int i = 0; i < steps; ++i) {
         const int h = head_of(i), stage = i % kStages;
@@ -103,50 +99,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         const uint32_t tQ = sQ + stage * QTile::kBytes, tdO = sdO + stage * QTile::kBytes;
         const float* tLse = reinterpret_cast<const float*>(smem_raw + (sLse - smem_addr(smem_raw))) + stage * kBM;
         const float* tDelta = reinterpret_cast<const float*>(smem_raw + (sDelta - smem_addr(smem_raw))) + stage * kBM;
-        const ScoreMod mod = score_mod(p, b, h);
         ring.wait(i);
-
-        // attention_bwd_dkdv_sm90_kernel's step: S^T = K Q^T and dP^T = V dO^T, P while dP^T is
-        // multiplied, dV += (P z)^T dO while dS is computed, then dK += dS^T Q.
-        float st[kQT][4], dpt[kQT][4];
-        float(&st_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(st);
-        float(&dpt_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(dpt);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBM, false>(st_f, k_major<KTile>(sK, wg_row, kk), k_major<QTile>(tQ, 0, kk), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBM, false>(dpt_f, k_major<KTile>(sV, wg_row, kk), k_major<QTile>(tdO, 0, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_regs(st_f);
-
-        const DkdvElems<kQT> el{p, s, mod, int64_t(b) * p.Hq + h, m0, n0, kr};
-        float pz[kQT][4];
-        const uint32_t keep = el.probs_of(tile_fully_visible(p, s, m0, kBM, n0, kBN), st, pz, tLse);
-        uint32_t ap[kBM / 16][4], ads[kBM / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ap[ks], pz[2 * ks], pz[2 * ks + 1]);
-        fence_regs(dv);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dv, ap[ks], tdO, ks);
-        wgmma_commit();
-        wgmma_wait<1>();  // dP^T is in
-        fence_regs(dpt_f);
-        el.dS_of(st, dpt, keep, tDelta);
-#pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
-        fence_regs(dk);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dk, ads[ks], tQ, ks);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dv);
-        fence_regs(dk);
+        dkdv_step<T, Cfg>(p, s, b, h, m0, n0, kr, sK, sV, tQ, tdO, tLse, tDelta, acc_dk, acc_dv);
         ring.release(i);
     }
     store_dkdv<T, kD>(p, s, b, hk, n0 + kr, acc_dk, acc_dv);
@@ -160,7 +114,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     attention_bwd_dq_ws_kernel(const KernelParams p, const __grid_constant__ BwdMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBQ = Cfg::kBlock, kBK = Cfg::kStep, kStages = Cfg::kStages;
-    constexpr int kKT = kBK / 8, kDT = kD / 8;
+    constexpr int kDT = kD / 8;
     using QTile = typename Cfg::BlockTile;
     using KTile = typename Cfg::StepTile;
     extern __shared__ unsigned char smem_raw[];
@@ -203,51 +157,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int warp = threadIdx.x / 32 - 4, g = threadIdx.x % 32 / 4;
     const ScoreMod mod = score_mod(p, b, h);
     const int64_t bh = int64_t(b) * p.Hq + h;
-    const int qr = warp * 16;         // this warp's first query inside the block
-    const int wg_row = qr / 64 * 64;  // its warpgroup's
+    const int qr = warp * 16;  // this warp's first query inside the block
     float lse2[2], delta[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) std::tie(lse2[rr], delta[rr]) = row_lse_delta(p, s, b, h, m0 + qr + g + rr * 8);
     float acc_dq[kDT][4] = {};
-    float(&dq)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_dq);
     mbarrier_wait(qd_full, 0);  // also where the rows see no key: no load outlives the block
     for (int i = 0; i < tiles; ++i) {
         const int stage = i % kStages;
         const uint32_t tK = sK + stage * KTile::kBytes, tV = sV + stage * KTile::kBytes;
         const int64_t n0 = int64_t(n_first + i) * kBK;
         ring.wait(i);
-
-        // attention_bwd_dq_sm90_kernel's step: S = Q K^T and dP = dO V^T, P while dP is
-        // multiplied, then dQ += dS K.
-        float acc_s[kKT][4], acc_dp[kKT][4];
-        float(&s_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_s);
-        float(&dp_f)[kKT * 4] = reinterpret_cast<float(&)[kKT * 4]>(acc_dp);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBK, false>(s_f, k_major<QTile>(sQ, wg_row, kk), k_major<KTile>(tK, 0, kk), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBK, false>(dp_f, k_major<QTile>(sdO, wg_row, kk), k_major<KTile>(tV, 0, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_regs(s_f);
-        const DqElems<kKT> el{p, s, mod, bh, m0, qr, n0};
-        const uint32_t keep = el.probs_of(tile_fully_visible(p, s, m0, kBQ, n0, kBK), acc_s, lse2);
-        wgmma_wait<0>();
-        fence_regs(dp_f);
-        el.dS_of(acc_s, acc_dp, keep, delta);
-        uint32_t a[kBK / 16][4];
-#pragma unroll
-        for (int ks = 0; ks < kBK / 16; ++ks) c_to_a<T>(a[ks], acc_dp[2 * ks], acc_dp[2 * ks + 1]);
-        fence_regs(dq);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kBK / 16; ++ks) wgmma_rs_tile<T, KTile>(dq, a[ks], tK, ks);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dq);
+        dq_step<T, Cfg>(p, s, mod, bh, m0, qr, n0, sQ, sdO, tK, tV, lse2, delta, acc_dq);
         ring.release(i);
     }
     store_dq<T, kD>(p, s, b, h, m0 + qr, acc_dq);
@@ -296,6 +217,19 @@ bool launch_bwd_ws(const KernelParams& p, cudaStream_t stream) {
         check_cuda(cudaGetLastError(), "backward dQ kernel launch (warp-specialised)");
     }
     return true;
+}
+
+// The warp-specialised kernels wherever they apply (p.tma, no varlen, tensors TMA can describe),
+// in the shapes that measured fastest on the H200 (bf16, same run; docs/PERFORMANCE.md): one
+// compute warpgroup a block and two blocks an SM up to kD = 96, two warpgroups and one block at
+// 128. Against BwdShapes' kernels: +10 to +20% at 64, +50% at 80 and 96 (Phi-2: 169 -> 259
+// TFLOP/s), +4 to +23% at 128.
+template <class T, int kD>
+void run_bwd(const KernelParams& p, cudaStream_t stream) {
+    using Ws = std::conditional_t<kD == 128, WsBwdConfig<kD, 2, 1>, WsBwdConfig<kD, 1, 2>>;
+    if (p.tma && launch_bwd_ws<T, Ws, Ws>(p, stream)) return;
+    using Shapes = BwdShapes<kD>;
+    launch_bwd<T, typename Shapes::Dkv, typename Shapes::Dq>(p, stream);
 }
 
 }  // namespace orchard::cuda::sm90

@@ -1,13 +1,12 @@
 // The warp-specialised Hopper forward (sm_90a), FlashAttention 3's structure, for padded (not
 // varlen) batches whose tensors the copy engine can describe (launch_fwd_ws says false
 // otherwise, and attention_fwd_sm90_kernel runs). Tiles arrive by TMA (tma.cuh) instead of
-// cp.async; the products, the overlap of P V with the next softmax and the softmax itself
-// (fwd_softmax_tile) are attention_fwd_sm90_kernel's.
+// cp.async; the products, the overlap of P V with the next softmax and the softmax itself are
+// attention_fwd_sm90_kernel's (FwdWarp). run_fwd() picks between the two.
 #pragma once
 
-#include "cuda/attention_fwd.cuh"
+#include "cuda/attention_fwd_sm90.cuh"
 #include "cuda/tma.cuh"
-#include "cuda/wgmma.cuh"
 
 namespace orchard::cuda::sm90 {
 
@@ -43,7 +42,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     attention_fwd_ws_kernel(const KernelParams p, const __grid_constant__ FwdMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages;
-    constexpr int kNT = kBN / 8, kDT = kD / 8;
     using QTile = typename Cfg::QTile;
     using KVTile = typename Cfg::KVTile;
     extern __shared__ unsigned char smem_raw[];
@@ -89,60 +87,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
     setmaxnreg_inc<Cfg::kComputeRegs>();
     const int warp = threadIdx.x / 32 - 4, wg = warp / 4;
-    const ScoreMod mod = score_mod(p, b, h);
-    float acc_o[1][kDT][4] = {};
-    float(&o)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_o);
-    RowStats<1> stats;
     const int warp_row0 = warp * 16;  // first row of this warp inside the block
-    uint32_t pf[kBN / 16][4];         // P of the previous tile, as wgmma A fragments
-    auto pv = [&](int i) {  // O += P_i V_i, issued
-        v_ring.wait(i);
-        const uint32_t tV = sV + (i % kStages) * KVTile::kBytes;
-#pragma unroll
-        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs_tile<T, KVTile>(o, pf[ks], tV, ks);
-        wgmma_commit();
-    };
-
+    const ScoreMod mod = score_mod(p, b, h);
+    FwdWarp<T, Cfg> rows;
     mbarrier_wait(q_full, 0);
-    // The same overlap as attention_fwd_sm90_kernel: step i issues S_i = Q K_i^T and
-    // O += P_{i-1} V_{i-1}, waits for S_i only, computes P_i, then waits for the P V.
     for (int i = 0; i < tiles; ++i) {
-        const int64_t n0 = int64_t(n_first + i) * kBN;
-        float acc_s[1][kNT][4];
-        float(&sc)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(acc_s);
         k_ring.wait(i);
-        wgmma_fence();
-        const uint32_t tK = sK + (i % kStages) * KVTile::kBytes;
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBN, false>(sc, k_major<QTile>(sQ, wg * 64, kk), k_major<KVTile>(tK, 0, kk), kk > 0);
-        wgmma_commit();
-        if (i > 0) {
-            pv(i - 1);
-            wgmma_wait<1>();
-        } else {
-            wgmma_wait<0>();
-        }
-        fence_regs(sc);
-        k_ring.release(i);
-
-        float rescale[1][2];
-        fwd_softmax_tile(p, s, mod, b, h, m0 + warp_row0, n0, tile_fully_visible(p, s, m0, kBM, n0, kBN),
-                         acc_s, stats, rescale);
-        wgmma_wait<0>();  // P_{i-1} V_{i-1} is in o; pf and V's stage are free
-        fence_regs(o);
-        if (i > 0) v_ring.release(i - 1);
-        rescale_rows(acc_o, rescale);
-#pragma unroll
-        for (int ks = 0; ks < kBN / 16; ++ks) c_to_a<T>(pf[ks], acc_s[0][2 * ks], acc_s[0][2 * ks + 1]);
+        rows.step(p, s, mod, b, h, m0, warp_row0, wg * 64, int64_t(n_first + i) * kBN, sQ,
+                  sK + (i % kStages) * KVTile::kBytes, i > 0, sV + ((i + kStages - 1) % kStages) * KVTile::kBytes,
+                  [&] { v_ring.wait(i - 1); }, [&] { k_ring.release(i); }, [&] { v_ring.release(i - 1); });
     }
     if (tiles > 0) {  // the last tile's P V
-        wgmma_fence();
-        pv(tiles - 1);
-        wgmma_wait<0>();
-        fence_regs(o);
+        v_ring.wait(tiles - 1);
+        rows.last_pv(sV + ((tiles - 1) % kStages) * KVTile::kBytes);
     }
-    fwd_epilogue<T, 1, kD>(p, s, b, h, m0 + warp_row0, acc_o, stats);
+    fwd_epilogue<T, 1, kD>(p, s, b, h, m0 + warp_row0, rows.acc_o, rows.stats);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
 #endif
@@ -164,6 +123,38 @@ bool launch_fwd_ws(const KernelParams& p, cudaStream_t stream) {
     kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
     check_cuda(cudaGetLastError(), "forward kernel launch (warp-specialised)");
     return true;
+}
+
+// Which kernel and shape runs (measured on the H200, bf16, same-run A/Bs; docs/PERFORMANCE.md).
+// The warp-specialised kernel wherever it applies (p.tma, no varlen, tensors TMA can describe):
+// against attention_fwd_sm90_kernel it ran 3-46% faster (hdim 128: +34% at 1k, +46% at 4k). Its shape:
+// two compute warpgroups and 128-key tiles up to kD = 128 (64 past it); at kD = 64 three groups
+// (192 query rows) ran 9-13% faster from 4k and at 1k non-causal, but 6% slower causal at 1k
+// (the last, short blocks of a causal grid hold more rows), where one group a block, two blocks
+// an SM, runs instead (as the cp.async kernel does at kD = 64). Three
+// stages instead of two, and FlashAttention 3's ping-pong of the two groups' products (as
+// implemented here, with named barriers), measured no better: -3 to +3% and -10 to -35%.
+// attention_fwd_sm90_kernel (varlen, other layouts, ORCHARD_CUDA_TMA=0): at kD = 128 and at most 2048
+// keys one warpgroup and 64-key tiles ran 1-10% faster than the default shape; at kD = 80 the
+// default shape ran as fast as or faster than the others tried
+// (docs/bench/cuda-hd80-shapes-2026-12-02.txt).
+template <class T, int kD>
+void run_fwd(const KernelParams& p, cudaStream_t stream) {
+    if (p.tma) {
+        constexpr int kBN = kD <= 128 ? 128 : 64;
+        if constexpr (kD == 64) {
+            const bool short_causal = p.window_right < kUnbounded && p.window_left >= kUnbounded && p.Sk <= 1024;
+            if (short_causal ? launch_fwd_ws<T, WsConfig<kD, 1, kBN, 2>>(p, stream)
+                             : launch_fwd_ws<T, WsConfig<kD, 3, kBN>>(p, stream))
+                return;
+        } else {
+            if (launch_fwd_ws<T, WsConfig<kD, 2, kBN>>(p, stream)) return;
+        }
+    }
+    if constexpr (kD == 128) {
+        if (p.Sk <= 2048) return sm90::launch_fwd<T, FwdConfig<kD, 1, 64>>(p, stream);
+    }
+    sm90::launch_fwd<T, FwdConfig<kD>>(p, stream);
 }
 
 }  // namespace orchard::cuda::sm90

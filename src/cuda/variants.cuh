@@ -11,9 +11,9 @@
 #pragma once
 
 #include "cuda/attention_bwd.cuh"
-#include "cuda/attention_bwd_sm90.cuh"
+#include "cuda/attention_bwd_sm90_ws.cuh"
 #include "cuda/attention_fwd.cuh"
-#include "cuda/attention_fwd_sm90.cuh"
+#include "cuda/attention_fwd_sm90_ws.cuh"
 #include "cuda/launch.h"
 
 namespace orchard::cuda {
