@@ -63,15 +63,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     auto head_of = [&](int step) { return hk * group + step / m_count; };
     auto m0_of = [&](int step) { return int64_t(m_first + step % m_count) * kBM; };
 
-    if (threadIdx.x == 0) {
-        mbarrier_init(kv_full, 1);
-        ring.init(128 * Cfg::kWG);
-        fence_barrier_init();
-    }
-    __syncthreads();  // the last block-wide barrier: the groups part here
-
-    if (threadIdx.x < 128) {  // the producer
-        setmaxnreg_dec<kProducerRegs>();
+    if (ws_block_start(kv_full, 128 * Cfg::kWG, ring)) {  // the producer
         if (threadIdx.x != 0) return;
         mbarrier_arrive_expect_tx(kv_full, 2 * KTile::kBytes);
         load_swizzled_tma<KTile>(sK, maps.block0, kv_full, hk, int(n0), b);
@@ -131,15 +123,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const auto [n_first, n_end] = key_tiles(p, s, m0, kBQ, kBK);
     const int tiles = n_end - n_first;
 
-    if (threadIdx.x == 0) {
-        mbarrier_init(qd_full, 1);
-        ring.init(128 * Cfg::kWG);
-        fence_barrier_init();
-    }
-    __syncthreads();  // the last block-wide barrier: the groups part here
-
-    if (threadIdx.x < 128) {  // the producer
-        setmaxnreg_dec<kProducerRegs>();
+    if (ws_block_start(qd_full, 128 * Cfg::kWG, ring)) {  // the producer
         if (threadIdx.x != 0) return;
         mbarrier_arrive_expect_tx(qd_full, 2 * QTile::kBytes);
         load_swizzled_tma<QTile>(sQ, maps.block0, qd_full, h, int(m0), b);

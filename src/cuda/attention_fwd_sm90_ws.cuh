@@ -60,16 +60,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const auto [n_first, n_end] = key_tiles(p, s, m0, kBM, kBN);
     const int tiles = n_end - n_first;
 
-    if (threadIdx.x == 0) {
-        mbarrier_init(q_full, 1);
-        k_ring.init(128 * Cfg::kWG);
-        v_ring.init(128 * Cfg::kWG);
-        fence_barrier_init();
-    }
-    __syncthreads();  // the last block-wide barrier: the groups part here
-
-    if (threadIdx.x < 128) {  // the producer
-        setmaxnreg_dec<kProducerRegs>();
+    if (ws_block_start(q_full, 128 * Cfg::kWG, k_ring, v_ring)) {  // the producer
         if (threadIdx.x != 0) return;
         mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
         load_swizzled_tma<QTile>(sQ, maps.q, q_full, h, int(m0), b);

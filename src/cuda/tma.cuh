@@ -204,4 +204,22 @@ __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
+// The start of a warp-specialised block (one producer warpgroup, then the compute warpgroups):
+// thread 0 initialises the barrier of the block's own tiles (`own`, one arrival) and the rings
+// (drained by `compute_threads`) and publishes them with the block's last barrier; then the
+// producer group gives its registers away. True in the producer group: its thread 0 loads, the
+// others are done. The compute groups take their registers with setmaxnreg_inc.
+template <class... Rings>
+__device__ __forceinline__ bool ws_block_start(uint32_t own, int compute_threads, const Rings&... rings) {
+    if (threadIdx.x == 0) {
+        mbarrier_init(own, 1);
+        (rings.init(compute_threads), ...);
+        fence_barrier_init();
+    }
+    __syncthreads();
+    if (threadIdx.x >= 128) return false;
+    setmaxnreg_dec<kProducerRegs>();
+    return true;
+}
+
 }  // namespace orchard::cuda::sm90

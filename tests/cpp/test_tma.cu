@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda/tma.cuh"
+#include "hopper.h"
 
 namespace orchard::test {
 namespace {
@@ -51,14 +52,6 @@ __global__ void tma_probe(const __grid_constant__ TileMaps maps, const T* x, int
         by_tma[i] = smem_raw[sB - base + i];
     }
 #endif
-}
-
-bool have_hopper() {
-    int n = 0, major = 0, minor = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) return false;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
-    return major == 9 && minor == 0;
 }
 
 // A tensor of head dim d <= kD: columns d.. of the tile are zeros either way.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cuda/wgmma.cuh"
+#include "hopper.h"
 
 namespace orchard::test {
 namespace {
@@ -62,14 +63,6 @@ __global__ void wgmma_probe(const T* a, const T* b, float* d) {
         for (int c = 0; c < 4; ++c)
             d[(warp * 16 + g + 8 * (c / 2)) * kN + nt * 8 + 2 * t + c % 2] = acc[nt][c];
 #endif
-}
-
-bool have_hopper() {
-    int n = 0, major = 0, minor = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) return false;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
-    return major == 9 && minor == 0;
 }
 
 // Small integers: every product and sum is exact.
