@@ -27,72 +27,11 @@ struct FwdConfig {
     static constexpr size_t kSmemBytes = QTile::kBytes + 4 * KVTile::kBytes + 1024;
 };
 
-// A warp's 16 query rows in the Hopper forward kernels (this file's and the warp-specialised
-// one): the output accumulator, the softmax state, P of the last tile, and the step of
-// FlashAttention 3's intra-warpgroup overlap: step() issues S_n = Q K_n^T and O += P_{n-1}
-// V_{n-1}, waits for S_n only, computes P_n while the P V runs, then waits for it and rescales
-// O. So K runs one tile ahead of V. The kernel says when V_{n-1} may be read (wait_v) and learns
-// when K_n and V_{n-1} have been read (k_done, v_done).
-template <class T, class Cfg>
-struct FwdWarp {
-    static constexpr int kD = Cfg::kD, kBN = Cfg::kBN, kNT = kBN / 8, kDT = kD / 8;
-    using QTile = typename Cfg::QTile;
-    using KVTile = typename Cfg::KVTile;
-    float acc_o[1][kDT][4] = {};
-    RowStats<1> stats;
-    uint32_t pf[kBN / 16][4];  // P of the previous tile, as wgmma A fragments
-
-    __device__ __forceinline__ float (&o())[kDT * 4] { return reinterpret_cast<float(&)[kDT * 4]>(acc_o); }
-    __device__ __forceinline__ void issue_pv(uint32_t tV) {
-#pragma unroll
-        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs_tile<T, KVTile>(o(), pf[ks], tV, ks);
-        wgmma_commit();
-    }
-    // Keys n0.. (tile tK) for the block's rows m0.. (this warp's from m0 + row0; its warpgroup's
-    // Q rows from wg_row of sQ); tV: the previous tile's V, where `has_prev`.
-    template <class WaitV, class KDone, class VDone>
-    __device__ __forceinline__ void step(const KernelParams& p, const Seq& s, const ScoreMod& mod, int b, int h,
-                                         int64_t m0, int row0, int wg_row, int64_t n0, uint32_t sQ, uint32_t tK,
-                                         bool has_prev, uint32_t tV, WaitV wait_v, KDone k_done, VDone v_done) {
-        float acc_s[1][kNT][4];
-        float(&sc)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(acc_s);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kBN, false>(sc, k_major<QTile>(sQ, wg_row, kk), k_major<KVTile>(tK, 0, kk), kk > 0);
-        wgmma_commit();
-        if (has_prev) {
-            wait_v();
-            issue_pv(tV);
-            wgmma_wait<1>();
-        } else {
-            wgmma_wait<0>();
-        }
-        fence_regs(sc);
-        k_done();
-        float rescale[1][2];
-        fwd_softmax_tile(p, s, mod, b, h, m0 + row0, n0, tile_fully_visible(p, s, m0, Cfg::kBM, n0, kBN), acc_s,
-                         stats, rescale);
-        wgmma_wait<0>();  // P_{n-1} V_{n-1} is in o; pf and V's stage are free
-        fence_regs(o());
-        if (has_prev) v_done();
-        rescale_rows(acc_o, rescale);
-#pragma unroll
-        for (int ks = 0; ks < kBN / 16; ++ks) c_to_a<T>(pf[ks], acc_s[0][2 * ks], acc_s[0][2 * ks + 1]);
-    }
-    // The last tile's P V.
-    __device__ __forceinline__ void last_pv(uint32_t tV) {
-        wgmma_fence();
-        issue_pv(tV);
-        wgmma_wait<0>();
-        fence_regs(o());
-    }
-};
-
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_sm90_kernel(const KernelParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBM = Cfg::kBM, kBN = Cfg::kBN, kThreads = Cfg::kThreads;
+    constexpr int kNT = kBN / 8, kDT = kD / 8;
     using QTile = typename Cfg::QTile;
     using KVTile = typename Cfg::KVTile;
     extern __shared__ unsigned char smem_raw[];
@@ -124,11 +63,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
     if (n_first < n_end) load(sK, k, p.k_st.s, n_first);
     cp_async_commit();
 
-    FwdWarp<T, Cfg> rows;
+    float acc_o[1][kDT][4] = {};
+    float(&o)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_o);
+    RowStats<1> stats;
     const int warp_row0 = warp * 16;  // first row of this warp inside the block
-    auto none = [] {};
-    // Iteration n loads K_{n+1} and V_n (FwdWarp: K runs one tile ahead of V) into the stages
-    // K_{n-1} and V_{n-2} left.
+    uint32_t pf[kBN / 16][4];         // P of the previous tile, as wgmma A fragments
+    // Tile n's P V runs while tile n + 1's softmax does (FlashAttention 3's intra-warpgroup
+    // overlap): iteration n issues S_n = Q K_n^T and O += P_{n-1} V_{n-1}, waits for S_n only,
+    // computes P_n, then waits for the P V and rescales O. So K runs one tile ahead of V: iteration
+    // n loads K_{n+1} and V_n, into the stages K_{n-1} and V_{n-2} left.
     for (int n = n_first; n < n_end; ++n) {
         cp_async_wait<0>();  // K_n and V_{n-1}, for every thread
         fence_async_smem();
@@ -136,18 +79,52 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
         if (n + 1 < n_end) load(sK, k, p.k_st.s, n + 1);
         load(sV, v, p.v_st.s, n);
         cp_async_commit();
-        rows.step(p, s, mod, b, h, m0, warp_row0, wg * 64, int64_t(n) * kBN, sQ, sK + (n & 1) * KVTile::kBytes,
-                  n > n_first, sV + ((n - 1) & 1) * KVTile::kBytes, none, none, none);
+        const int64_t n0 = int64_t(n) * kBN;
+
+        float acc_s[1][kNT][4];
+        float(&sc)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(acc_s);
+        wgmma_fence();
+        const uint32_t tK = sK + (n & 1) * KVTile::kBytes;
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+            wgmma_ss<T, kBN, false>(sc, k_major<QTile>(sQ, wg * 64, kk), k_major<KVTile>(tK, 0, kk), kk > 0);
+        wgmma_commit();
+        const bool pv = n > n_first;
+        if (pv) {
+            const uint32_t tV = sV + ((n - 1) & 1) * KVTile::kBytes;
+#pragma unroll
+            for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs_tile<T, KVTile>(o, pf[ks], tV, ks);
+            wgmma_commit();
+            wgmma_wait<1>();
+        } else {
+            wgmma_wait<0>();
+        }
+        fence_regs(sc);
+
+        float rescale[1][2];
+        fwd_softmax_tile(p, s, mod, b, h, m0 + warp_row0, n0, tile_fully_visible(p, s, m0, kBM, n0, kBN),
+                         acc_s, stats, rescale);
+        wgmma_wait<0>();  // P_{n-1} V_{n-1} is in o; pf is free
+        fence_regs(o);
+        rescale_rows(acc_o, rescale);
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) c_to_a<T>(pf[ks], acc_s[0][2 * ks], acc_s[0][2 * ks + 1]);
     }
     if (n_first < n_end) {  // the last tile's P V
         cp_async_wait<0>();
         fence_async_smem();
         __syncthreads();
-        rows.last_pv(sV + ((n_end - 1) & 1) * KVTile::kBytes);
+        wgmma_fence();
+        const uint32_t tV = sV + ((n_end - 1) & 1) * KVTile::kBytes;
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs_tile<T, KVTile>(o, pf[ks], tV, ks);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o);
     }
     cp_async_wait<0>();  // no copy may outlive the block (rows that see no key skip the loop)
 
-    fwd_epilogue<T, 1, kD>(p, s, b, h, m0 + warp_row0, rows.acc_o, rows.stats);
+    fwd_epilogue<T, 1, kD>(p, s, b, h, m0 + warp_row0, acc_o, stats);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
 #endif

@@ -2,7 +2,7 @@
 // varlen) batches whose tensors the copy engine can describe (launch_fwd_ws says false
 // otherwise, and attention_fwd_sm90_kernel runs). Tiles arrive by TMA (tma.cuh) instead of
 // cp.async; the products, the overlap of P V with the next softmax and the softmax itself are
-// attention_fwd_sm90_kernel's (FwdWarp). run_fwd() picks between the two.
+// attention_fwd_sm90_kernel's. run_fwd() picks between the two.
 #pragma once
 
 #include "cuda/attention_fwd_sm90.cuh"
@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     attention_fwd_ws_kernel(const KernelParams p, const __grid_constant__ FwdMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kD = Cfg::kD, kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages;
+    constexpr int kNT = kBN / 8, kDT = kD / 8;
     using QTile = typename Cfg::QTile;
     using KVTile = typename Cfg::KVTile;
     extern __shared__ unsigned char smem_raw[];
@@ -78,21 +79,63 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
     setmaxnreg_inc<Cfg::kComputeRegs>();
     const int warp = threadIdx.x / 32 - 4, wg = warp / 4;
-    const int warp_row0 = warp * 16;  // first row of this warp inside the block
     const ScoreMod mod = score_mod(p, b, h);
-    FwdWarp<T, Cfg> rows;
+    float acc_o[1][kDT][4] = {};
+    float(&o)[kDT * 4] = reinterpret_cast<float(&)[kDT * 4]>(acc_o);
+    RowStats<1> stats;
+    const int warp_row0 = warp * 16;  // first row of this warp inside the block
+    uint32_t pf[kBN / 16][4];         // P of the previous tile, as wgmma A fragments
+    auto pv = [&](int i) {  // O += P_i V_i, issued
+        v_ring.wait(i);
+        const uint32_t tV = sV + (i % kStages) * KVTile::kBytes;
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) wgmma_rs_tile<T, KVTile>(o, pf[ks], tV, ks);
+        wgmma_commit();
+    };
+
     mbarrier_wait(q_full, 0);
+    // The same overlap as attention_fwd_sm90_kernel: step i issues S_i = Q K_i^T and
+    // O += P_{i-1} V_{i-1}, waits for S_i only, computes P_i, then waits for the P V. The loop
+    // repeats that kernel's with ring waits and releases in place of cp.async waits and block
+    // barriers: a step function shared by both (tried) raised the three-group kernel's register
+    // spills from 28 to 300 bytes.
     for (int i = 0; i < tiles; ++i) {
+        const int64_t n0 = int64_t(n_first + i) * kBN;
+        float acc_s[1][kNT][4];
+        float(&sc)[kNT * 4] = reinterpret_cast<float(&)[kNT * 4]>(acc_s);
         k_ring.wait(i);
-        rows.step(p, s, mod, b, h, m0, warp_row0, wg * 64, int64_t(n_first + i) * kBN, sQ,
-                  sK + (i % kStages) * KVTile::kBytes, i > 0, sV + ((i + kStages - 1) % kStages) * KVTile::kBytes,
-                  [&] { v_ring.wait(i - 1); }, [&] { k_ring.release(i); }, [&] { v_ring.release(i - 1); });
+        wgmma_fence();
+        const uint32_t tK = sK + (i % kStages) * KVTile::kBytes;
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk)
+            wgmma_ss<T, kBN, false>(sc, k_major<QTile>(sQ, wg * 64, kk), k_major<KVTile>(tK, 0, kk), kk > 0);
+        wgmma_commit();
+        if (i > 0) {
+            pv(i - 1);
+            wgmma_wait<1>();
+        } else {
+            wgmma_wait<0>();
+        }
+        fence_regs(sc);
+        k_ring.release(i);
+
+        float rescale[1][2];
+        fwd_softmax_tile(p, s, mod, b, h, m0 + warp_row0, n0, tile_fully_visible(p, s, m0, kBM, n0, kBN),
+                         acc_s, stats, rescale);
+        wgmma_wait<0>();  // P_{i-1} V_{i-1} is in o; pf and V's stage are free
+        fence_regs(o);
+        if (i > 0) v_ring.release(i - 1);
+        rescale_rows(acc_o, rescale);
+#pragma unroll
+        for (int ks = 0; ks < kBN / 16; ++ks) c_to_a<T>(pf[ks], acc_s[0][2 * ks], acc_s[0][2 * ks + 1]);
     }
     if (tiles > 0) {  // the last tile's P V
-        v_ring.wait(tiles - 1);
-        rows.last_pv(sV + ((tiles - 1) % kStages) * KVTile::kBytes);
+        wgmma_fence();
+        pv(tiles - 1);
+        wgmma_wait<0>();
+        fence_regs(o);
     }
-    fwd_epilogue<T, 1, kD>(p, s, b, h, m0 + warp_row0, rows.acc_o, rows.stats);
+    fwd_epilogue<T, 1, kD>(p, s, b, h, m0 + warp_row0, acc_o, stats);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
 #endif
