@@ -1,12 +1,12 @@
 // The warp-specialised Hopper backward (sm_90a), for padded (not varlen) batches whose tensors
 // the copy engine can describe (launch_bwd_ws says false otherwise, and the kernels of
 // attention_bwd_sm90.cuh run; run_bwd() picks). Same two kernels and the same steps (dkdv_step,
-// dq_step) as those; what changes is how tiles arrive. Warpgroup 0 is the producer: one of its threads loads the block's
-// own tiles once and every step's tiles into a ring of kStages stages by TMA (and a dK/dV step's
-// lse and delta by a bulk copy), and the group gives most of its registers to the compute groups
-// (setmaxnreg). Warpgroups 1..kWG each own 64 of the block's keys (dK/dV) or queries (dQ), wait on
-// a stage's barrier for its bytes and release it once their products have read it, never
-// waiting for each other.
+// dq_step) as those; what changes is how tiles arrive. Warpgroup 0 is the producer: one of its
+// threads loads the block's own tiles once and every step's tiles into a ring of kStages stages
+// by TMA (and a dK/dV step's lse and delta by a bulk copy), and the group gives most of its
+// registers to the compute groups (setmaxnreg). Warpgroups 1..kWG each own 64 of the block's
+// keys (dK/dV) or queries (dQ), wait on a stage's barrier for its bytes and release it once their
+// products have read it, never waiting for each other.
 #pragma once
 
 #include "cuda/attention_bwd_sm90.cuh"

@@ -9,7 +9,8 @@
 // as load_swizzled_async() zero-fills them, and the box lands in shared memory in the swizzle the
 // map names: 128 bytes (64 columns) for a SwizzledTile's 64-column stacks, 64 for its 32-column
 // stack, 32 for its 16-column one. A SwizzledTile<kRows, kD> is therefore one TMA load per stack
-// (load_swizzled_tma), each from its own map (TileMaps).
+// (load_swizzled_tma), each from its own map (TileMaps). Then the pipeline's parts: the stage
+// rings (Ring), the register hand-over (setmaxnreg) and the block's start (ws_block_start).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums; the encode call goes through the runtime's entry point

@@ -1,7 +1,8 @@
 // The TMA building blocks (src/cuda/tma.cuh) on their own: a tile of a (B, S, H, D) tensor loaded
 // through tensor maps must land byte for byte as load_swizzled_async() puts it, swizzled stacks
 // and zero-filled rows past S included, for head dims with and without narrow stacks (80 = 64 +
-// 16, 96 = 64 + 32, 112 = 64 + 32 + 16), and head dims below the tile's. Skipped without a compute capability 9.0 device.
+// 16, 96 = 64 + 32, 112 = 64 + 32 + 16), and head dims below the tile's (columns past them
+// zero-filled). Skipped without a compute capability 9.0 device.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
