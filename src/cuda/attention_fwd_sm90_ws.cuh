@@ -10,14 +10,14 @@
 
 namespace orchard::cuda::sm90 {
 
-// Warpgroup 0 is the producer: one of its threads
-// issues every load of the block by TMA (Q once, then K and V tiles into rings of kStages stages
-// each, in the order the loop below uses them: K_0, K_1, V_0, K_2, V_1, ...), and the group gives
-// most of its registers to the others (setmaxnreg). Warpgroups 1..kWG each own 64 query rows and
-// run attention_fwd_sm90_kernel's loop, but wait on a stage's "full" barrier for its bytes instead
-// of on cp.async and a block barrier, and free the stage ("empty" barrier, one arrival a warp) as
-// soon as their products have read it: the compute groups never wait for each other, and no
-// compute thread spends an instruction on addresses or copies.
+// Warpgroup 0 is the producer: one of its threads issues every load of the block by TMA (Q
+// once, then K and V tiles into rings of kStages stages each, in the order the loop below uses
+// them: K_0, K_1, V_0, K_2, V_1, ...), and the group gives most of its registers to the others
+// (setmaxnreg). Warpgroups 1..kWG each own 64 query rows and run attention_fwd_sm90_kernel's
+// loop, but wait on a stage's "full" barrier for its bytes instead of on cp.async and a block
+// barrier, and free the stage ("empty" barrier, one arrival a warp) as soon as their products
+// have read it: the compute groups never wait for each other, and no compute thread spends an
+// instruction on addresses or copies.
 // kWG compute warpgroups a block, kBN keys a tile, kMinBlocks blocks an SM.
 template <int kD_, int kWG_, int kBN_, int kMinBlocks_ = 1, int kStages_ = 2>
 struct WsConfig {
@@ -161,16 +161,16 @@ bool launch_fwd_ws(const KernelParams& p, cudaStream_t stream) {
 
 // Which kernel and shape runs (measured on the H200, bf16, same-run A/Bs; docs/PERFORMANCE.md).
 // The warp-specialised kernel wherever it applies (p.tma, no varlen, tensors TMA can describe):
-// against attention_fwd_sm90_kernel it ran 3-46% faster (hdim 128: +34% at 1k, +46% at 4k). Its shape:
-// two compute warpgroups and 128-key tiles up to kD = 128 (64 past it); at kD = 64 three groups
-// (192 query rows) ran 9-13% faster from 4k and at 1k non-causal, but 6% slower causal at 1k
-// (the last, short blocks of a causal grid hold more rows), where one group a block, two blocks
-// an SM, runs instead (as the cp.async kernel does at kD = 64). Three
-// stages instead of two, and FlashAttention 3's ping-pong of the two groups' products (as
-// implemented here, with named barriers), measured no better: -3 to +3% and -10 to -35%.
-// attention_fwd_sm90_kernel (varlen, other layouts, ORCHARD_CUDA_TMA=0): at kD = 128 and at most 2048
-// keys one warpgroup and 64-key tiles ran 1-10% faster than the default shape; at kD = 80 the
-// default shape ran as fast as or faster than the others tried
+// against attention_fwd_sm90_kernel it ran 5-46% faster (hdim 128: +34% at 1k, +46% at 4k).
+// Its shape: two compute warpgroups and 128-key tiles up to kD = 128 (64 past it). At kD = 64
+// three groups (192 query rows) ran 3-12% faster (1k non-causal, 4k, 16k) but 6% slower causal
+// at 1k, where the last, short blocks of a causal grid hold more rows: there one group a block,
+// two blocks an SM, runs instead (0.99x flash against 0.92x with two groups, in full runs).
+// Three stages instead of two, and FlashAttention 3's ping-pong of the two groups' products (as
+// written here, with named barriers), measured no better: -3 to +3% and -10 to -35%.
+// attention_fwd_sm90_kernel (varlen, other layouts, ORCHARD_CUDA_TMA=0): at kD = 128 and at
+// most 2048 keys one warpgroup and 64-key tiles ran 1-10% faster than the default shape; at
+// kD = 80 the default shape ran as fast as or faster than the others tried
 // (docs/bench/cuda-hd80-shapes-2026-12-02.txt).
 template <class T, int kD>
 void run_fwd(const KernelParams& p, cudaStream_t stream) {
