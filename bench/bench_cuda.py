@@ -30,19 +30,30 @@ from orchard import _ops
 PEERS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
+# How cuda_time times a call: "queued" (the default) records a pair of CUDA events around each
+# call without waiting between calls, so the host issues the next call while the GPU runs this
+# one and each pair measures the GPU's time for the call, as in a training step (and triton's
+# do_bench); "sync_each" waits for each call to finish before issuing the next, so each figure
+# also holds the host's time to issue the call (dispatch, validation, tensor maps), during
+# which the GPU idles. Both are reported where bench_cuda.py runs twice (PERFORMANCE.md).
+TIMING = "queued"
+
+
 def cuda_time(fn, reps: int = 30, warmup: int = 5) -> float:
-    """Median seconds of fn() over reps runs, timed with CUDA events."""
+    """Median seconds of fn() over reps runs, timed with CUDA events (see TIMING)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+             for _ in range(reps)]
+    for start, end in pairs:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
+        if TIMING == "sync_each":
+            end.synchronize()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) / 1e3 for start, end in pairs)
     return times[len(times) // 2]
 
 
@@ -178,10 +189,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sequence lengths")
     ap.add_argument("--table", type=Path, help="print a markdown table of this JSON and exit")
     ap.add_argument("--bwd-key", default="bwd", help="with --table: the backward column to show")
+    ap.add_argument("--timing", choices=("queued", "sync_each"), default="queued",
+                    help="how each call is timed (TIMING above); sync_each writes cuda-sdpa-<date>-sync.json")
     args = ap.parse_args()
     if args.table:
         print(table(args.table, args.bwd_key))
         return
+    global TIMING
+    TIMING = args.timing
     ceiling = matmul_ceiling()
     rows = []
     for case in cases(args.quick):
@@ -199,10 +214,12 @@ def main() -> None:
     meta = {"date": stamp, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "cudnn": torch.backends.cudnn.version(), "matmul_ceiling_tflops": ceiling,
             "orchard": orchard.__version__ if hasattr(orchard, "__version__") else "dev",
-            "flops": "4*B*Hq*D*visible pairs fwd, 2.5x bwd (peers: full causal pairs)"}
+            "flops": "4*B*Hq*D*visible pairs fwd, 2.5x bwd (peers: full causal pairs)",
+            "timing": TIMING}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"cuda-sdpa-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    plot(rows, args.out / f"cuda-sdpa-{stamp}.png")
+    name = f"cuda-sdpa-{stamp}" + ("-sync" if TIMING == "sync_each" else "")
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, args.out / f"{name}.png")
     print(f"matmul ceiling {ceiling:.0f} TFLOP/s; wrote {args.out}")
 
 

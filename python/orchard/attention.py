@@ -25,10 +25,9 @@ def _attention(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     left, right = _window(op, window_size)
     dropout_p = float(dropout_p)
     scale = None if softmax_scale is None else float(softmax_scale)
-    out, lse = _ops.call(_ops.ops.fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                         int(max_seqlen_k), dropout_p, scale, bool(causal), left, right,
-                         float(softcap), alibi_slopes, _ops.rng_state(dropout_p),
-                         bool(deterministic), op)
+    out, lse = _ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                        dropout_p, scale, bool(causal), left, right, float(softcap), alibi_slopes,
+                        _ops.rng_state(dropout_p), bool(deterministic), op)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -51,9 +51,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         else:
             window = (-1, sq - sk)
     try:
-        out = _ops.call(_ops.ops.fwd, q, k, v, None, None, 0, 0, float(dropout_p),
-                        None if scale is None else float(scale), False, window[0], window[1],
-                        0.0, None, _ops.rng_state(float(dropout_p)), False, _OP)
+        out = _ops.fwd(q, k, v, None, None, 0, 0, float(dropout_p),
+                       None if scale is None else float(scale), False, window[0], window[1], 0.0,
+                       None, _ops.rng_state(float(dropout_p)), False, _OP)
     except NotImplementedError as e:
         return _fallback(str(e), *args)
     out = out[0]

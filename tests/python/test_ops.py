@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers import BWD, FWD, Config, bwd_options, leaves
 
+from orchard import _ops
+
 SAMPLES = {
     "plain": (Config(b=2, sq=9, sk=13, hq=4, hkv=2), torch.float32),
     "features": (Config(sq=12, sk=7, causal=True, window=(4, -1), softcap=2.0, alibi="batch",
@@ -45,6 +47,25 @@ def test_opcheck_bwd(name):
     q, k, v, *options = args
     out, lse = FWD(*args)
     torch.library.opcheck(BWD, (dout, q, k, v, out, lse, *bwd_options(options)))
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, False)])
+def test_eager_autograd_matches_the_registration(name, needs):
+    """_ops.fwd's eager autograd.Function (the fast path of flash_attn_func and the SDPA
+    function) gives the op's registered autograd's outputs and gradients, bit for bit, and
+    gradients only for the inputs that require them."""
+    args, dout = _fwd_args(*SAMPLES[name], requires_grad=False)
+    results = []
+    for fwd in (FWD, _ops.fwd):
+        q, k, v = (t.detach().requires_grad_(need) for t, need in zip(args[:3], needs))
+        out, lse = fwd(q, k, v, *args[3:])
+        wanted = [t for t in (q, k, v) if t.requires_grad]
+        results.append((out, lse, *torch.autograd.grad(out, wanted, dout.to(out.dtype))))
+    registered, eager = results
+    assert len(eager) == 2 + sum(needs)
+    for a, b in zip(registered, eager, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_opcheck_bwd_partial_gradients():
