@@ -112,8 +112,8 @@ class _Fwd(torch.autograd.Function):
     """Eager autograd of orchard::fwd, the same setup and backward as its registration above.
     Through the registration every call that records a graph spends ~90 us of host time in
     torch's `fill_defaults` (it rebuilds the 19-argument schema's argument list on each access;
-    measured with torch 2.15), more than a small model's attention kernels take: the CUDA demo
-    ran at 0.84x SDPA's tokens/s. Here the op runs with grad mode off (inside forward), where
+    torch 2.11 and 2.15), more than a small model's attention kernels take: the CUDA demo ran
+    at 0.84x SDPA's tokens/s. Here the op runs with grad mode off (inside forward), where
     the registration passes straight through."""
 
     @staticmethod
