@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--table", type=Path, help="print a markdown table of this JSON and exit")
     ap.add_argument("--bwd-key", default="bwd", help="with --table: the backward column to show")
     ap.add_argument("--timing", choices=("queued", "sync_each"), default="queued",
-                    help="how each call is timed (TIMING above); sync_each writes cuda-sdpa-<date>-sync.json")
+                    help="how each call is timed (TIMING above); sync_each writes *-sync.json")
     args = ap.parse_args()
     if args.table:
         print(table(args.table, args.bwd_key))
