@@ -22,9 +22,27 @@ foreach(hd IN LISTS ORCHARD_CUDA_HEADDIMS)
 endforeach()
 file(CONFIGURE OUTPUT ${ORCHARD_CUDA_GEN}/cuda_variants.inc CONTENT "${orchard_variant_list}")
 
+# As CMake's CUDA_ARCHITECTURES: "80" is sm_80 machine code plus compute_80 PTX, which the
+# driver compiles for GPUs newer than any machine code in the build; "80-real" is the machine
+# code alone, "80-virtual" the PTX alone.
 set(ORCHARD_CUDA_GENCODE "")
+set(ORCHARD_CUDA_HAS_SM90A OFF)
 foreach(arch IN LISTS ORCHARD_CUDA_ARCHS)
-  list(APPEND ORCHARD_CUDA_GENCODE "-gencode=arch=compute_${arch},code=sm_${arch}")
+  if(NOT arch MATCHES "^([0-9]+a?)(-real|-virtual)?$")
+    message(FATAL_ERROR "ORCHARD_CUDA_ARCHS: '${arch}' is not of the form 80, 80-real, 80-virtual or 90a")
+  endif()
+  set(num ${CMAKE_MATCH_1})
+  if(CMAKE_MATCH_2 STREQUAL "-real")
+    set(code "sm_${num}")
+  elseif(CMAKE_MATCH_2 STREQUAL "-virtual")
+    set(code "compute_${num}")
+  else()
+    set(code "[sm_${num},compute_${num}]")
+  endif()
+  list(APPEND ORCHARD_CUDA_GENCODE "-gencode=arch=compute_${num},code=${code}")
+  if(num STREQUAL "90a")
+    set(ORCHARD_CUDA_HAS_SM90A ON)
+  endif()
 endforeach()
 
 function(orchard_cuda_configure target)
@@ -32,7 +50,7 @@ function(orchard_cuda_configure target)
   # are C++20).
   set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES OFF CUDA_STANDARD_REQUIRED OFF)
   target_include_directories(${target} PRIVATE ${ORCHARD_CUDA_GEN})
-  if("90a" IN_LIST ORCHARD_CUDA_ARCHS)  # the wgmma kernels exist (backend.cu picks them on Hopper)
+  if(ORCHARD_CUDA_HAS_SM90A)  # the wgmma kernels exist (backend.cu picks them on Hopper)
     target_compile_definitions(${target} PRIVATE ORCHARD_CUDA_SM90A)
   endif()
   target_compile_options(${target} PRIVATE

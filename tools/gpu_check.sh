@@ -3,7 +3,7 @@
 # gpu_stage.sh puts them in .gpu/): the C++ case list, the Python suite on CUDA,
 # compute-sanitizer (memcheck, racecheck) on a small forward + backward, the training demo with
 # --device cuda, and the benchmark against SDPA. Logs and results go to $OUT (default ./gpu-out).
-#   bash tools/gpu_check.sh [tests|sanitize|cpu|demo|bench|all]...
+#   bash tools/gpu_check.sh [tests|sanitize|cpu|demo|bench|all|ptx]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -33,8 +33,8 @@ for what in "${@:-all}"; do
             step cpp_cuda "$tests" --gtest_filter='Cuda*:CudaBackend*:Wgmma*:Tma*' --gtest_brief=1
             # The cp.async wgmma kernels on every case (by default only varlen cases take them),
             # and the mma.sync kernels (on Hopper the default is the wgmma ones).
-            step cpp_cuda_cpasync env ORCHARD_CUDA_TMA=0 "$tests" --gtest_filter='Cuda*' --gtest_brief=1
-            step cpp_cuda_mma env ORCHARD_CUDA_WGMMA=0 "$tests" --gtest_filter='Cuda*' --gtest_brief=1
+            step cpp_cuda_cpasync env ORCHARD_CUDA_TMA=0 "$tests" --gtest_filter='Cuda/*:CudaWide/*' --gtest_brief=1
+            step cpp_cuda_mma env ORCHARD_CUDA_WGMMA=0 "$tests" --gtest_filter='Cuda/*:CudaWide/*' --gtest_brief=1
             step py_cuda python3 -m pytest -q -x tests/python/test_cuda.py -p no:cacheprovider ;;&
         sanitize | all)
             step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$tests" \
@@ -45,6 +45,13 @@ for what in "${@:-all}"; do
             step cpu_cases "$tests" --gtest_brief=1 \
                 --gtest_filter='Cases*:Float64*:Determinism*:Backward*:SimdDispatch*:GemmBf16*:PositionOffsets*'
             step py_all python3 -m pytest -q -x tests/python -m "not inductor" -p no:cacheprovider ;;&
+        ptx)  # a compute_80 PTX build (tools/gpu_stage.sh into .gpu-ptx), which the driver compiles
+            # for this GPU: the sm_80 code path as an Ampere-only build would run it
+            ptx=.gpu-ptx
+            export CUDA_CACHE_PATH=/tmp/orchard-jit-cache CUDA_CACHE_MAXSIZE=4294967296
+            step ptx_cpp "$ptx/orchard_tests" --gtest_filter='Cuda*:CudaBackend*' --gtest_brief=1
+            step ptx_py env PYTHONPATH="$PWD/$ptx/site" python3 -m pytest -q -x tests/python/test_cuda.py \
+                -p no:cacheprovider ;;
         demo | all)
             step demo python3 -m orchard demo --device cuda --steps 60 --out "$out/demo" ;;&
         bench | all)

@@ -63,6 +63,7 @@ struct BwdConfig {
     static constexpr size_t kDkvSmem = size_t(2 * kBN + 4 * kBM) * kP * 2 + 4 * kBM * 4;
     // dQ kernel (kBN queries per block, kBM keys per step): sQ, sdO; two stages of sK, sV.
     static constexpr size_t kDqSmem = size_t(2 * kBN + 4 * kBM) * kP * 2;
+    static constexpr size_t kSmemBytes = kDkvSmem > kDqSmem ? kDkvSmem : kDqSmem;
 };
 
 // The dropout keep bits of a thread's kTiles C tiles (bit 4 * tile + c), one Philox

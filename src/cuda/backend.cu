@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -160,12 +161,26 @@ bool use_tma() {
     return env == nullptr || std::string(env) != "0";
 }
 
+// The dynamic shared memory a block may opt in to on the device: 227 KiB on Hopper, 163 KiB on
+// the A100, 99 KiB on consumer GPUs. ORCHARD_CUDA_SMEM_LIMIT (bytes) lowers it, the switch that
+// lets tests run on one GPU the mma.sync kernels' smaller blocks of the others (variants.cuh).
+size_t smem_limit(int device) {
+    int bytes = 0;
+    check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute");
+    size_t limit = size_t(bytes);
+    if (const char* env = std::getenv("ORCHARD_CUDA_SMEM_LIMIT"))
+        limit = std::min(limit, size_t(std::strtoull(env, nullptr, 10)));
+    return limit;
+}
+
 void attention_fwd(const AttentionParams& a) {
     const DeviceScope scope(a.device.index);
     const Variant& v = *find_variant(a.D);
     KernelParams p = make_kernel_params(a);
     p.sm90 = use_sm90(a.device.index);
     p.tma = p.sm90 && use_tma();
+    p.smem_limit = smem_limit(a.device.index);
     (a.dtype == DType::f16 ? v.fwd_f16 : v.fwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 
@@ -175,6 +190,7 @@ void attention_bwd(const AttentionParams& a) {
     KernelParams p = make_kernel_params(a);
     p.sm90 = use_sm90(a.device.index);
     p.tma = p.sm90 && use_tma();
+    p.smem_limit = smem_limit(a.device.index);
     (a.dtype == DType::f16 ? v.bwd_f16 : v.bwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 

@@ -54,6 +54,9 @@ struct KernelParams {
     uint32_t offset;
     bool sm90;  // run the wgmma kernels (a Hopper device and an sm_90a build; backend.cu)
     bool tma;   // ... and among them the warp-specialised ones, loading by TMA (backend.cu)
+    // Dynamic shared memory a block may opt in to on the device (backend.cu): the mma.sync
+    // kernels take smaller blocks where their usual ones do not fit (variants.cuh).
+    size_t smem_limit;
 };
 
 // Where sequence b lives and how long it is. Varlen lengths are clamped to the declared

@@ -10,6 +10,9 @@
 // accumulators take kD registers per thread and 32 queries per step keeps the rest small.
 #pragma once
 
+#include <algorithm>
+#include <string>
+
 #include "cuda/attention_bwd.cuh"
 #include "cuda/attention_bwd_sm90_ws.cuh"
 #include "cuda/attention_fwd.cuh"
@@ -23,6 +26,25 @@ using FwdConfigFor = std::conditional_t<(kD <= 128), FwdConfig<kD, 128, 64, 4>, 
 template <int kD>
 using BwdConfigFor = std::conditional_t<(kD <= 128), BwdConfig<kD, 64, 64>, BwdConfig<kD, 64, 32>>;
 
+// Where those blocks need more shared memory than a block may have, smaller ones: 32 keys per
+// forward tile; half the queries per backward step, and past kD = 128 also half the keys per
+// block. They fit the least any sm_80+ GPU offers, 99 KiB (RTX 30x0 / 40x0 / 50x0: sm_86,
+// sm_89, sm_120), which the usual blocks pass from kD = 128 on; the A100's 163 KiB they pass
+// only in the forward at kD = 256 (165 KiB).
+inline constexpr size_t kLeastSmemLimit = 99 * 1024;
+template <int kD>
+using FwdSmallConfigFor = FwdConfig<kD, (kD <= 128 ? 128 : 64), 32, 4>;
+template <int kD>
+using BwdSmallConfigFor = std::conditional_t<(kD <= 128), BwdConfig<kD, 64, 32>, BwdConfig<kD, 32, 16>>;
+
+[[noreturn]] inline void throw_smem(const char* direction, int d, size_t need, size_t limit) {
+    throw Error(ErrorKind::unsupported,
+                std::string("orchard (CUDA backend): the ") + direction + " at head dim " +
+                    std::to_string(d) + " needs " + std::to_string(need) +
+                    " bytes of shared memory per block but the device allows " +
+                    std::to_string(limit));
+}
+
 // On Hopper (p.sm90) the wgmma kernels take the head dims whose tiles and products they have:
 // 64, 80, 96, 128 and 256 (forward), 64, 80, 96 and 128 (backward), in the shapes that measured
 // fastest on the H200 (sm90::run_fwd, sm90::BwdShapes; docs/PERFORMANCE.md).
@@ -30,14 +52,30 @@ template <class T, int kD>
 void run_fwd(const KernelParams& p, cudaStream_t stream) {
     if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128 || kD == 256)
         if (p.sm90) return sm90::run_fwd<T, kD>(p, stream);
-    launch_fwd<T, FwdConfigFor<kD>>(p, stream);
+    using Usual = FwdConfigFor<kD>;
+    if (Usual::kSmemBytes <= p.smem_limit) return launch_fwd<T, Usual>(p, stream);
+    if constexpr (Usual::kSmemBytes > kLeastSmemLimit) {
+        using Small = FwdSmallConfigFor<kD>;
+        static_assert(Small::kSmemBytes <= kLeastSmemLimit);
+        if (Small::kSmemBytes <= p.smem_limit) return launch_fwd<T, Small>(p, stream);
+    }
+    throw_smem("forward", p.D, std::min(Usual::kSmemBytes, size_t(FwdSmallConfigFor<kD>::kSmemBytes)),
+               p.smem_limit);
 }
 
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream) {
     if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128)
         if (p.sm90) return sm90::run_bwd<T, kD>(p, stream);
-    launch_bwd<T, BwdConfigFor<kD>>(p, stream);
+    using Usual = BwdConfigFor<kD>;
+    if (Usual::kSmemBytes <= p.smem_limit) return launch_bwd<T, Usual>(p, stream);
+    if constexpr (Usual::kSmemBytes > kLeastSmemLimit) {
+        using Small = BwdSmallConfigFor<kD>;
+        static_assert(Small::kSmemBytes <= kLeastSmemLimit);
+        if (Small::kSmemBytes <= p.smem_limit) return launch_bwd<T, Small>(p, stream);
+    }
+    throw_smem("backward", p.D, std::min(Usual::kSmemBytes, size_t(BwdSmallConfigFor<kD>::kSmemBytes)),
+               p.smem_limit);
 }
 
 }  // namespace orchard::cuda

@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "cases.h"
@@ -111,6 +113,25 @@ struct Param {
 };
 void PrintTo(const Param& p, std::ostream* os) { *os << case_name(p.c, p.dt); }
 
+// Sets an environment variable for a scope (the backend reads its switches on each call).
+class ScopedEnv {
+public:
+    ScopedEnv(const char* name, const char* value) : name_(name) {
+        if (const char* old = std::getenv(name)) old_ = old;
+        setenv(name, value, 1);
+    }
+    ~ScopedEnv() {
+        if (old_) setenv(name_, old_->c_str(), 1);
+        else unsetenv(name_);
+    }
+    ScopedEnv(const ScopedEnv&) = delete;
+    ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+private:
+    const char* name_;
+    std::optional<std::string> old_;
+};
+
 class CudaVsReference : public ::testing::TestWithParam<Param> {};
 
 void expect_close(const char* what, const std::vector<double>& got, const std::vector<double>& want,
@@ -123,9 +144,8 @@ void expect_close(const char* what, const std::vector<double>& got, const std::v
     ::testing::Test::RecordProperty(std::string("err_") + what, std::to_string(err));
 }
 
-TEST_P(CudaVsReference, ForwardAndGradients) {
-    if (!have_device()) GTEST_SKIP() << "no CUDA device on this machine";
-    const auto& [c, dt] = GetParam();
+void check_against_reference(const Param& param) {
+    const auto& [c, dt] = param;
     Inputs in = make_inputs(c, dt);
     const CudaRun got = run_cuda(c, in, dt);
     if (!got.refused.empty()) {
@@ -151,6 +171,11 @@ TEST_P(CudaVsReference, ForwardAndGradients) {
     EXPECT_EQ(0, std::memcmp(got.dq_det.data(), got.dq_det_again.data(), got.dq_det.size() * sizeof(double)));
 }
 
+TEST_P(CudaVsReference, ForwardAndGradients) {
+    if (!have_device()) GTEST_SKIP() << "no CUDA device on this machine";
+    check_against_reference(GetParam());
+}
+
 std::vector<Param> cuda_params() {
     std::vector<Param> ps;
     for (const Case& c : case_list())
@@ -161,12 +186,11 @@ std::vector<Param> cuda_params() {
 INSTANTIATE_TEST_SUITE_P(Cuda, CudaVsReference, ::testing::ValuesIn(cuda_params()),
                          [](const auto& info) { return case_name(info.param.c, info.param.dt); });
 
-// The cases at the default head dim (32) again at 64, 80 and 128: head dims of the Hopper (wgmma)
-// kernels, so that every feature of the list runs through them too.
-std::vector<Param> wide_params() {
+// The cases at the default head dim (32) again at other head dims.
+std::vector<Param> widened(std::initializer_list<int64_t> dims) {
     std::vector<Param> ps;
     for (const Case& base : case_list())
-        for (int64_t d : {64, 80, 128}) {
+        for (int64_t d : dims) {
             if (base.D != Case{}.D || base.Dv != 0) continue;
             Case c = base;
             c.D = d;
@@ -176,8 +200,41 @@ std::vector<Param> wide_params() {
     return ps;
 }
 
-INSTANTIATE_TEST_SUITE_P(CudaWide, CudaVsReference, ::testing::ValuesIn(wide_params()),
+// Head dims of the Hopper (wgmma) kernels, so that every feature of the list runs through them.
+INSTANTIATE_TEST_SUITE_P(CudaWide, CudaVsReference, ::testing::ValuesIn(widened({64, 80, 128})),
                          [](const auto& info) { return case_name(info.param.c, info.param.dt); });
+
+// The mma.sync kernels under the shared memory of a consumer GPU (99 KiB: RTX 30x0 / 40x0 /
+// 50x0), where head dims from 128 on run smaller blocks (variants.cuh); run on any GPU.
+class CudaSmallSmem : public ::testing::TestWithParam<Param> {};
+
+TEST_P(CudaSmallSmem, ForwardAndGradients) {
+    if (!have_device()) GTEST_SKIP() << "no CUDA device on this machine";
+    const ScopedEnv mma("ORCHARD_CUDA_WGMMA", "0"), smem("ORCHARD_CUDA_SMEM_LIMIT", "101376");
+    check_against_reference(GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(CudaSmallSmem, CudaSmallSmem, ::testing::ValuesIn(widened({128, 192, 256})),
+                         [](const auto& info) { return case_name(info.param.c, info.param.dt); });
+
+// A device whose shared memory not even the smaller blocks fit (only reachable through the
+// switch: every sm_80+ GPU has 99 KiB) gets an error that says so, not a failed launch.
+TEST(CudaBackend, RefusesBlocksBeyondSharedMemory) {
+    if (!have_device()) GTEST_SKIP() << "no CUDA device on this machine";
+    const ScopedEnv mma("ORCHARD_CUDA_WGMMA", "0"), smem("ORCHARD_CUDA_SMEM_LIMIT", "16384");
+    Case c{.name = "small_smem", .D = 128};
+    Inputs in = make_inputs(c, DType::bf16);
+    try {
+        run_cuda(c, in, DType::bf16);
+        FAIL() << "no error";
+    } catch (const Error& e) {
+        EXPECT_EQ(e.kind(), ErrorKind::unsupported);
+        EXPECT_NE(std::string(e.what()).find("the forward at head dim 128 needs 69632 bytes of shared "
+                                             "memory per block but the device allows 16384"),
+                  std::string::npos)
+            << e.what();
+    }
+}
 
 // fp32 is refused with a clear reason (the kernels are fp16 / bf16 tensor-core kernels).
 TEST(CudaBackend, RefusesFp32WithReason) {
