@@ -86,6 +86,10 @@ template <bool kAccumulate, int MR, class A>
 HWY_INLINE void gemm_rows(int64_t N, int64_t K, const A* a, int64_t sa_i, int64_t sa_k,
                           const A* b, int64_t ldb, A* c, int64_t ldc, const A* c_scale) {
     const int64_t L = lanes<A>();
+    if constexpr (kRowsPerBlock == 8) {  // a 3-vector panel (gemm())
+        if (N == 3 * L)
+            return gemm_block<kAccumulate, MR, 3>(K, a, sa_i, sa_k, b, ldb, c, ldc, c_scale);
+    }
     int64_t n = 0;
     for (; n + 2 * L <= N; n += 2 * L)
         gemm_block<kAccumulate, MR, 2>(K, a, sa_i, sa_k, b + n, ldb, c + n, ldc, c_scale);
@@ -122,13 +126,21 @@ void gemm_panel(int64_t M, int64_t N, int64_t K, const A* a, int64_t sa_i, int64
 // Column panels outer: a K x 2-vector panel of B (8 KiB at K = 128, fp32 on AVX2) stays in L1
 // while all of A's row blocks pass it, so B crosses from L2 once per call rather than once per
 // row block (2-14% faster on a Zen 3 core, forward and backward).
+// On targets with 32 vector registers an odd number of vectors ends in one 3-vector panel (8 x 3
+// accumulators) rather than a 1-vector one: there each step's 8 FMAs wait on 9 loads, and the
+// forward's 48-query passes (3 AVX-512 vectors) ran a third of S^T = k q^T at ~0.6 of the
+// 2-vector blocks' speed.
 template <bool kAccumulate, class A>
 void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t sa_i, int64_t sa_k, const A* b,
           int64_t ldb, A* c, int64_t ldc, const A* c_scale = nullptr) {
-    const int64_t W = 2 * lanes<A>();
-    for (int64_t n = 0; n < N; n += W)
+    const int64_t L = lanes<A>(), W = 2 * L;
+    const int64_t last = kRowsPerBlock == 8 && N % W == L && N >= 3 * L ? 3 * L : 0;
+    int64_t n = 0;
+    for (; n < N - last; n += W)
         gemm_panel<kAccumulate>(M, std::min(W, N - n), K, a, sa_i, sa_k, b + n, ldb, c + n, ldc,
                                 c_scale);
+    if (last)
+        gemm_panel<kAccumulate>(M, last, K, a, sa_i, sa_k, b + n, ldb, c + n, ldc, c_scale);
 }
 
 // Where a (query block, key block) tile sits in its sequence.
