@@ -5,12 +5,14 @@
 // Forward: 128 query rows x 64 keys with 4 warps (two 16-row fragments per warp, so each K/V
 // fragment loaded from shared memory feeds two MMAs) up to kD = 128: 64 fp32 score and up to 128
 // output accumulators per thread, FlashAttention 2's choice on A100/H100. Past 128 the output
-// accumulator alone is kD / 2 registers per fragment, so one fragment per warp (64 x 64).
+// accumulator alone is kD / 2 registers per fragment, so one fragment per warp, and 32-key tiles:
+// 64 x 32 in two stages needs 99 KiB of shared memory at kD = 256 (64 x 64: 165 KiB), so two
+// blocks share an SM of an H100 / A100; on the H200 64 x 32 ran the forward 24% (kD = 192) and
+// 27% (256) faster than 64 x 64 (docs/PERFORMANCE.md).
 // Backward: 64 keys per block (16 per warp) and 64 queries per step; past kD = 128 the dK/dV
 // accumulators take kD registers per thread and 32 queries per step keeps the rest small.
 #pragma once
 
-#include <algorithm>
 #include <string>
 
 #include "cuda/attention_bwd.cuh"
@@ -22,18 +24,18 @@
 namespace orchard::cuda {
 
 template <int kD>
-using FwdConfigFor = std::conditional_t<(kD <= 128), FwdConfig<kD, 128, 64, 4>, FwdConfig<kD, 64, 64, 4>>;
+using FwdConfigFor = std::conditional_t<(kD <= 128), FwdConfig<kD, 128, 64, 4>, FwdConfig<kD, 64, 32, 4>>;
 template <int kD>
 using BwdConfigFor = std::conditional_t<(kD <= 128), BwdConfig<kD, 64, 64>, BwdConfig<kD, 64, 32>>;
 
 // Where those blocks need more shared memory than a block may have, smaller ones: 32 keys per
-// forward tile; half the queries per backward step, and past kD = 128 also half the keys per
-// block. They fit the least any sm_80+ GPU offers, 99 KiB (RTX 30x0 / 40x0 / 50x0: sm_86,
-// sm_89, sm_120), which the usual blocks pass from kD = 128 on; the A100's 163 KiB they pass
-// only in the forward at kD = 256 (165 KiB).
+// forward tile (up to kD = 128; past it the usual ones are those); half the queries per backward
+// step, and past kD = 128 also half the keys per block. They fit the least any sm_80+ GPU
+// offers, 99 KiB (RTX 30x0 / 40x0 / 50x0: sm_86, sm_89, sm_120), which the usual blocks pass
+// at kD = 128 (102-103 KiB) and in the backward past it; the A100's 163 KiB they all fit.
 inline constexpr size_t kLeastSmemLimit = 99 * 1024;
 template <int kD>
-using FwdSmallConfigFor = FwdConfig<kD, (kD <= 128 ? 128 : 64), 32, 4>;
+using FwdSmallConfigFor = FwdConfig<kD, 128, 32, 4>;
 template <int kD>
 using BwdSmallConfigFor = std::conditional_t<(kD <= 128), BwdConfig<kD, 64, 32>, BwdConfig<kD, 32, 16>>;
 
@@ -54,13 +56,14 @@ void run_fwd(const KernelParams& p, cudaStream_t stream) {
         if (p.sm90) return sm90::run_fwd<T, kD>(p, stream);
     using Usual = FwdConfigFor<kD>;
     if (Usual::kSmemBytes <= p.smem_limit) return launch_fwd<T, Usual>(p, stream);
+    size_t least = Usual::kSmemBytes;
     if constexpr (Usual::kSmemBytes > kLeastSmemLimit) {
         using Small = FwdSmallConfigFor<kD>;
         static_assert(Small::kSmemBytes <= kLeastSmemLimit);
         if (Small::kSmemBytes <= p.smem_limit) return launch_fwd<T, Small>(p, stream);
+        least = Small::kSmemBytes;
     }
-    throw_smem("forward", p.D, std::min(Usual::kSmemBytes, size_t(FwdSmallConfigFor<kD>::kSmemBytes)),
-               p.smem_limit);
+    throw_smem("forward", p.D, least, p.smem_limit);
 }
 
 template <class T, int kD>
@@ -69,13 +72,14 @@ void run_bwd(const KernelParams& p, cudaStream_t stream) {
         if (p.sm90) return sm90::run_bwd<T, kD>(p, stream);
     using Usual = BwdConfigFor<kD>;
     if (Usual::kSmemBytes <= p.smem_limit) return launch_bwd<T, Usual>(p, stream);
+    size_t least = Usual::kSmemBytes;
     if constexpr (Usual::kSmemBytes > kLeastSmemLimit) {
         using Small = BwdSmallConfigFor<kD>;
         static_assert(Small::kSmemBytes <= kLeastSmemLimit);
         if (Small::kSmemBytes <= p.smem_limit) return launch_bwd<T, Small>(p, stream);
+        least = Small::kSmemBytes;
     }
-    throw_smem("backward", p.D, std::min(Usual::kSmemBytes, size_t(BwdSmallConfigFor<kD>::kSmemBytes)),
-               p.smem_limit);
+    throw_smem("backward", p.D, least, p.smem_limit);
 }
 
 }  // namespace orchard::cuda
