@@ -39,12 +39,22 @@ using FwdSmallConfigFor = FwdConfig<kD, 128, 32, 4>;
 template <int kD>
 using BwdSmallConfigFor = std::conditional_t<(kD <= 128), BwdConfig<kD, 64, 32>, BwdConfig<kD, 32, 16>>;
 
-[[noreturn]] inline void throw_smem(const char* direction, int d, size_t need, size_t limit) {
+// Calls launch(Usual{}) where the device's shared memory fits those blocks, else launch(Small{})
+// (compiled only where Usual may not fit), else throws a clear error.
+template <class Usual, class Small, class Launch>
+void launch_fitting(const KernelParams& p, const char* direction, Launch launch) {
+    if (Usual::kSmemBytes <= p.smem_limit) return launch(Usual{});
+    size_t least = Usual::kSmemBytes;
+    if constexpr (Usual::kSmemBytes > kLeastSmemLimit) {
+        static_assert(Small::kSmemBytes <= kLeastSmemLimit);
+        if (Small::kSmemBytes <= p.smem_limit) return launch(Small{});
+        least = Small::kSmemBytes;
+    }
     throw Error(ErrorKind::unsupported,
                 std::string("orchard (CUDA backend): the ") + direction + " at head dim " +
-                    std::to_string(d) + " needs " + std::to_string(need) +
+                    std::to_string(p.D) + " needs " + std::to_string(least) +
                     " bytes of shared memory per block but the device allows " +
-                    std::to_string(limit));
+                    std::to_string(p.smem_limit));
 }
 
 // On Hopper (p.sm90) the wgmma kernels take the head dims whose tiles and products they have:
@@ -54,32 +64,16 @@ template <class T, int kD>
 void run_fwd(const KernelParams& p, cudaStream_t stream) {
     if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128 || kD == 256)
         if (p.sm90) return sm90::run_fwd<T, kD>(p, stream);
-    using Usual = FwdConfigFor<kD>;
-    if (Usual::kSmemBytes <= p.smem_limit) return launch_fwd<T, Usual>(p, stream);
-    size_t least = Usual::kSmemBytes;
-    if constexpr (Usual::kSmemBytes > kLeastSmemLimit) {
-        using Small = FwdSmallConfigFor<kD>;
-        static_assert(Small::kSmemBytes <= kLeastSmemLimit);
-        if (Small::kSmemBytes <= p.smem_limit) return launch_fwd<T, Small>(p, stream);
-        least = Small::kSmemBytes;
-    }
-    throw_smem("forward", p.D, least, p.smem_limit);
+    launch_fitting<FwdConfigFor<kD>, FwdSmallConfigFor<kD>>(
+        p, "forward", [&](auto cfg) { launch_fwd<T, decltype(cfg)>(p, stream); });
 }
 
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream) {
     if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128)
         if (p.sm90) return sm90::run_bwd<T, kD>(p, stream);
-    using Usual = BwdConfigFor<kD>;
-    if (Usual::kSmemBytes <= p.smem_limit) return launch_bwd<T, Usual>(p, stream);
-    size_t least = Usual::kSmemBytes;
-    if constexpr (Usual::kSmemBytes > kLeastSmemLimit) {
-        using Small = BwdSmallConfigFor<kD>;
-        static_assert(Small::kSmemBytes <= kLeastSmemLimit);
-        if (Small::kSmemBytes <= p.smem_limit) return launch_bwd<T, Small>(p, stream);
-        least = Small::kSmemBytes;
-    }
-    throw_smem("backward", p.D, least, p.smem_limit);
+    launch_fitting<BwdConfigFor<kD>, BwdSmallConfigFor<kD>>(
+        p, "backward", [&](auto cfg) { launch_bwd<T, decltype(cfg)>(p, stream); });
 }
 
 }  // namespace orchard::cuda

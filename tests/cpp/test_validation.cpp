@@ -568,7 +568,7 @@ TEST_F(Validation, CudaNotBuilt) {
 }
 
 TEST_F(Validation, MetalNotBuilt) {
-    if (ORCHARD_TEST_METAL_BUILT) GTEST_SKIP() << "this build has the Metal backend (emulator)";
+    if (ORCHARD_TEST_METAL_BUILT) GTEST_SKIP() << "this build has a Metal backend";
     set_device({DeviceKind::metal, 0});
     expect_both_error({"Orchard was built without the Metal backend"}, kUnsupported);
 }
