@@ -38,7 +38,8 @@ double gemm_error() {
                 for (bool a_cols : {false, true})
                     for (int mode = 0; mode < 3; ++mode) {  // C = AB, C += AB, C = diag(s) C + AB
                         const int64_t N = nv * L, ldb = N + L, ldc = N + L;
-                        std::vector<float> a(size_t(M * K)), b(size_t(K * ldb)), c(size_t(M * ldc)), sc(static_cast<size_t>(M));
+                        std::vector<float> a(size_t(M * K)), b(size_t(K * ldb)), c(size_t(M * ldc));
+                        std::vector<float> sc(static_cast<size_t>(M));
                         for (auto& x : a) x = rnd();
                         for (auto& x : b) x = rnd();
                         for (auto& x : c) x = rnd();
@@ -58,10 +59,12 @@ double gemm_error() {
                                 double want = s0 * c0[size_t(i * ldc + j)];
                                 double mag = std::abs(want);
                                 for (int64_t k = 0; k < K; ++k) {
-                                    const double t = double(a[size_t(i * sa_i + k * sa_k)]) * b[size_t(k * ldb + j)];
+                                    const double t =
+                                        double(a[size_t(i * sa_i + k * sa_k)]) * b[size_t(k * ldb + j)];
                                     want += t, mag += std::abs(t);
                                 }
-                                worst = std::max(worst, std::abs(c[size_t(i * ldc + j)] - want) / (mag + 1e-30));
+                                const double err = std::abs(c[size_t(i * ldc + j)] - want);
+                                worst = std::max(worst, err / (mag + 1e-30));
                             }
                         }
                     }
