@@ -96,6 +96,10 @@ def measure(case: dict) -> dict:
         t_bwd = cuda_time(lambda: _ops.ops.bwd(*bwd_args))
         row[impl] = {"fwd_ms": t_fwd * 1e3, "bwd_ms": t_bwd * 1e3,
                      "fwd_tflops": flops / t_fwd / 1e12, "bwd_tflops": 2.5 * flops / t_bwd / 1e12}
+        if impl == "orchard":  # deterministic=True: on Hopper the two-kernel backward, no atomics
+            det_args = (*bwd_args[:18], True, *bwd_args[19:])
+            t_det = cuda_time(lambda: _ops.ops.bwd(*det_args))
+            row[impl] |= {"bwd_det_ms": t_det * 1e3, "bwd_det_tflops": 2.5 * flops / t_det / 1e12}
     os.environ.pop("ORCHARD_CUDA_WGMMA")
 
     # Peers: (B, H, S, D) views, k/v expanded to Hq heads, full causal.
@@ -208,7 +212,7 @@ def main() -> None:
         m = row["orchard_mma"]
         print(f"{row['name']:16s} S={row['S']:6d} orchard {o['fwd_tflops']:5.0f}/{o['bwd_tflops']:5.0f} "
               f"({o['fwd_tflops'] / ceiling:.2f}/{o['bwd_tflops'] / ceiling:.2f} of ceiling)  "
-              f"mma {m['fwd_tflops']:5.0f}/{m['bwd_tflops']:5.0f}  {peers}",
+              f"det bwd {o['bwd_det_tflops']:5.0f}  mma {m['fwd_tflops']:5.0f}/{m['bwd_tflops']:5.0f}  {peers}",
               flush=True)
     stamp = datetime.date.today().isoformat()
     meta = {"date": stamp, "device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -47,17 +47,23 @@ struct BwdShapes {
     using Dq = std::conditional_t<kD == 96, BwdConfig<kD, 2, 1>, BwdConfig<kD, 1, kD <= 80 ? 3 : 2>>;
 };
 
-// One step of the dK/dV kernels (this file's and the warp-specialised one) for a warp's 16 keys
-// (kr.. of the block's keys n0..; its warpgroup's K and V rows in sK, sV) against the kStep
-// queries m0.. of head h (tiles tQ, tdO; their lse2 and delta in tLse, tDelta). S^T = K Q^T and
-// dP^T = V dO^T, committed separately so that P is computed while dP^T is multiplied; dV +=
-// (P z)^T dO (dO an MN-major operand) while dS is computed; then dK += dS^T Q. Returns once every
-// product has read its tiles.
-template <class T, class Cfg>
+// What a dK/dV step does with its dS^T besides dK: nothing (the fused kernel stores it for dQ).
+struct NoDsUse {
+    template <class Frags>
+    __device__ __forceinline__ void operator()(const Frags&) const {}
+};
+
+// One step of the dK/dV kernels (this file's, the warp-specialised and the fused one) for a
+// warp's 16 keys (kr.. of the block's keys n0..; its warpgroup's K and V rows in sK, sV) against
+// the kStep queries m0.. of head h (tiles tQ, tdO; their lse2 and delta in tLse, tDelta). S^T =
+// K Q^T and dP^T = V dO^T, committed separately so that P is computed while dP^T is multiplied;
+// dV += (P z)^T dO (dO an MN-major operand) while dS is computed; use_ds(dS^T as A fragments
+// [kStep / 16][4]); then dK += dS^T Q. Returns once every product has read its tiles.
+template <class T, class Cfg, class UseDs = NoDsUse>
 __device__ __forceinline__ void dkdv_step(const KernelParams& p, const Seq& s, int b, int h, int64_t m0, int64_t n0,
                                           int kr, uint32_t sK, uint32_t sV, uint32_t tQ, uint32_t tdO,
                                           const float* tLse, const float* tDelta, float (&acc_dk)[Cfg::kD / 8][4],
-                                          float (&acc_dv)[Cfg::kD / 8][4]) {
+                                          float (&acc_dv)[Cfg::kD / 8][4], const UseDs& use_ds = {}) {
     constexpr int kD = Cfg::kD, kBN = Cfg::kBlock, kBM = Cfg::kStep, kQT = kBM / 8, kDT = kD / 8;
     using KTile = typename Cfg::BlockTile;
     using QTile = typename Cfg::StepTile;
@@ -96,6 +102,7 @@ __device__ __forceinline__ void dkdv_step(const KernelParams& p, const Seq& s, i
     el.dS_of(st, dpt, keep, tDelta);
 #pragma unroll
     for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
+    use_ds(ads);
     fence_regs(dk);
     wgmma_fence();
 #pragma unroll

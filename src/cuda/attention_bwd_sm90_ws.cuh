@@ -36,47 +36,82 @@ struct BwdMaps {
     TileMaps block0, block1, step0, step1;
 };
 
+// The dK/dV kernels' shared memory (this file's and, first, the fused one's): the block's K and
+// V, the ring's Q and dO tiles, then its lse2 and delta rows ([kStages][kStep] floats each) and
+// the barriers; `end` is the first byte past them.
+template <class Cfg>
+struct DkdvLayout {
+    using KTile = typename Cfg::BlockTile;
+    using QTile = typename Cfg::StepTile;
+    static constexpr int kStages = Cfg::kStages, kBM = Cfg::kStep;
+    uint32_t sK, sV, sQ, sdO, sLse, sDelta, kv_full, end;
+    typename Cfg::StepRing ring;
+
+    __device__ __forceinline__ explicit DkdvLayout(uint32_t aligned_base)
+        : sK(aligned_base), sV(sK + KTile::kBytes), sQ(sV + KTile::kBytes), sdO(sQ + kStages * QTile::kBytes),
+          sLse(sdO + kStages * QTile::kBytes), sDelta(sLse + kStages * kBM * 4), kv_full(sDelta + kStages * kBM * 4),
+          end(kv_full + 8 + Cfg::StepRing::kBarrierBytes), ring{kv_full + 8} {}
+    __device__ __forceinline__ uint32_t q(int i) const { return sQ + i % kStages * QTile::kBytes; }
+    __device__ __forceinline__ uint32_t dout(int i) const { return sdO + i % kStages * QTile::kBytes; }
+    __device__ __forceinline__ const float* lse(const unsigned char* smem, int i) const {
+        return reinterpret_cast<const float*>(smem + (sLse - smem_addr(smem))) + i % kStages * kBM;
+    }
+    __device__ __forceinline__ const float* delta(const unsigned char* smem, int i) const {
+        return reinterpret_cast<const float*>(smem + (sDelta - smem_addr(smem))) + i % kStages * kBM;
+    }
+};
+
+// The steps of the dK/dV block of keys [n0, n0 + kBlock) of kv head hk: each (query head of its
+// group, query block of kStep) pair in which some query sees one of the keys.
+struct DkdvSteps {
+    int hk, group, m_first, m_count, kBM;
+    __device__ __forceinline__ DkdvSteps(const KernelParams& p, const Seq& s, int hk_, int64_t n0, int kBN, int kBM_)
+        : hk(hk_), group(p.Hq / p.Hkv), kBM(kBM_) {
+        const Span qs = queries_seeing(n0, min(n0 + kBN, s.sk), s.diag, p.window_left, p.window_right, s.sq);
+        m_first = int(qs.lo / kBM);
+        m_count = qs.hi > qs.lo ? int((qs.hi + kBM - 1) / kBM) - m_first : 0;
+    }
+    __device__ __forceinline__ int count() const { return group * m_count; }
+    __device__ __forceinline__ int head(int i) const { return hk * group + i / m_count; }
+    __device__ __forceinline__ int64_t m0(int i) const { return int64_t(m_first + i % m_count) * kBM; }
+};
+
+// The dK/dV producer: one thread loads the block's K and V, then each step's Q, dO, lse2 and
+// delta into the ring.
+template <class Cfg>
+__device__ __forceinline__ void produce_dkdv(const KernelParams& p, const BwdMaps& maps, const DkdvLayout<Cfg>& l,
+                                             const DkdvSteps& steps, int b, int n0) {
+    using KTile = typename Cfg::BlockTile;
+    using QTile = typename Cfg::StepTile;
+    constexpr int kBM = Cfg::kStep;
+    mbarrier_arrive_expect_tx(l.kv_full, 2 * KTile::kBytes);
+    load_swizzled_tma<KTile>(l.sK, maps.block0, l.kv_full, steps.hk, n0, b);
+    load_swizzled_tma<KTile>(l.sV, maps.block1, l.kv_full, steps.hk, n0, b);
+    for (int i = 0; i < steps.count(); ++i) {
+        const int h = steps.head(i), m0 = int(steps.m0(i)), stage = i % Cfg::kStages;
+        const uint32_t full = l.ring.acquire(i, 2 * QTile::kBytes + 2 * kBM * 4);
+        load_swizzled_tma<QTile>(l.q(i), maps.step0, full, h, m0, b);
+        load_swizzled_tma<QTile>(l.dout(i), maps.step1, full, h, m0, b);
+        const int64_t at = (int64_t(b) * p.Hq + h) * p.ws_pitch + m0;  // inside the padded rows
+        bulk_load(l.sLse + stage * kBM * 4, p.lse2 + at, kBM * 4, full);
+        bulk_load(l.sDelta + stage * kBM * 4, p.delta + at, kBM * 4, full);
+    }
+}
+
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     attention_bwd_dkdv_ws_kernel(const KernelParams p, const __grid_constant__ BwdMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int kD = Cfg::kD, kBN = Cfg::kBlock, kBM = Cfg::kStep, kStages = Cfg::kStages;
-    constexpr int kDT = kD / 8;
-    using KTile = typename Cfg::BlockTile;
-    using QTile = typename Cfg::StepTile;
+    constexpr int kDT = Cfg::kD / 8;
     extern __shared__ unsigned char smem_raw[];
-    const uint32_t sK = (smem_addr(smem_raw) + 1023) & ~1023u, sV = sK + KTile::kBytes;
-    const uint32_t sQ = sV + KTile::kBytes;             // [kStages]
-    const uint32_t sdO = sQ + kStages * QTile::kBytes;  // [kStages]
-    const uint32_t sLse = sdO + kStages * QTile::kBytes, sDelta = sLse + kStages * kBM * 4;  // [kStages][kBM] floats
-    const uint32_t kv_full = sDelta + kStages * kBM * 4;
-    const typename Cfg::StepRing ring{kv_full + 8};
-
-    const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const DkdvLayout<Cfg> l((smem_addr(smem_raw) + 1023) & ~1023u);
+    const int b = blockIdx.z;
     const Seq s = seq_of(p, b);
-    const int64_t n0 = int64_t(n_block) * kBN;
-    const int group = p.Hq / p.Hkv;
-    const Span qs = queries_seeing(n0, min(n0 + kBN, s.sk), s.diag, p.window_left, p.window_right, s.sq);
-    const int m_first = int(qs.lo / kBM);
-    const int m_count = qs.hi > qs.lo ? int((qs.hi + kBM - 1) / kBM) - m_first : 0;
-    const int steps = group * m_count;  // (query head, query block) pairs
-    auto head_of = [&](int step) { return hk * group + step / m_count; };
-    auto m0_of = [&](int step) { return int64_t(m_first + step % m_count) * kBM; };
+    const int64_t n0 = int64_t(blockIdx.x) * Cfg::kBlock;
+    const DkdvSteps steps(p, s, blockIdx.y, n0, Cfg::kBlock, Cfg::kStep);
 
-    if (ws_block_start(kv_full, 128 * Cfg::kWG, ring)) {  // the producer
-        if (threadIdx.x != 0) return;
-        mbarrier_arrive_expect_tx(kv_full, 2 * KTile::kBytes);
-        load_swizzled_tma<KTile>(sK, maps.block0, kv_full, hk, int(n0), b);
-        load_swizzled_tma<KTile>(sV, maps.block1, kv_full, hk, int(n0), b);
-        for (int i = 0; i < steps; ++i) {
-            const int h = head_of(i), m0 = int(m0_of(i)), stage = i % kStages;
-            const uint32_t full = ring.acquire(i, 2 * QTile::kBytes + 2 * kBM * 4);
-            load_swizzled_tma<QTile>(sQ + stage * QTile::kBytes, maps.step0, full, h, m0, b);
-            load_swizzled_tma<QTile>(sdO + stage * QTile::kBytes, maps.step1, full, h, m0, b);
-            const int64_t at = (int64_t(b) * p.Hq + h) * p.ws_pitch + m0;  // inside the padded rows
-            bulk_load(sLse + stage * kBM * 4, p.lse2 + at, kBM * 4, full);
-            bulk_load(sDelta + stage * kBM * 4, p.delta + at, kBM * 4, full);
-        }
+    if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer
+        if (threadIdx.x == 0) produce_dkdv<Cfg>(p, maps, l, steps, b, int(n0));
         return;
     }
 
@@ -84,18 +119,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int warp = threadIdx.x / 32 - 4;
     float acc_dk[kDT][4] = {}, acc_dv[kDT][4] = {};
     const int kr = warp * 16;  // this warp's first key inside the block
-    mbarrier_wait(kv_full, 0);        // also where no query sees the block: no load outlives it
-    for (int i = 0; i < steps; ++i) {
-        const int h = head_of(i), stage = i % kStages;
-        const int64_t m0 = m0_of(i);
-        const uint32_t tQ = sQ + stage * QTile::kBytes, tdO = sdO + stage * QTile::kBytes;
-        const float* tLse = reinterpret_cast<const float*>(smem_raw + (sLse - smem_addr(smem_raw))) + stage * kBM;
-        const float* tDelta = reinterpret_cast<const float*>(smem_raw + (sDelta - smem_addr(smem_raw))) + stage * kBM;
-        ring.wait(i);
-        dkdv_step<T, Cfg>(p, s, b, h, m0, n0, kr, sK, sV, tQ, tdO, tLse, tDelta, acc_dk, acc_dv);
-        ring.release(i);
+    mbarrier_wait(l.kv_full, 0);  // also where no query sees the block: no load outlives it
+    for (int i = 0; i < steps.count(); ++i) {
+        l.ring.wait(i);
+        dkdv_step<T, Cfg>(p, s, b, steps.head(i), steps.m0(i), n0, kr, l.sK, l.sV, l.q(i), l.dout(i),
+                          l.lse(smem_raw, i), l.delta(smem_raw, i), acc_dk, acc_dv);
+        l.ring.release(i);
     }
-    store_dkdv<T, kD>(p, s, b, hk, n0 + kr, acc_dk, acc_dv);
+    store_dkdv<T, Cfg::kD>(p, s, b, steps.hk, n0 + kr, acc_dk, acc_dv);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
 #endif
@@ -161,24 +192,35 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 #endif
 }
 
+// The maps of the dK/dV kernels (blocks of K and V, steps of Q and dO), or false where TMA
+// cannot describe a tensor.
+template <class Cfg>
+bool make_dkdv_maps(BwdMaps& m, const KernelParams& p) {
+    using KBlock = typename Cfg::BlockTile;
+    using QStep = typename Cfg::StepTile;
+    return make_tile_maps<KBlock>(m.block0, p.k, p.B, p.Sk, p.Hkv, p.D, p.k_st.b, p.k_st.s, p.k_st.h) &&
+           make_tile_maps<KBlock>(m.block1, p.v, p.B, p.Sk, p.Hkv, p.D, p.v_st.b, p.v_st.s, p.v_st.h) &&
+           make_tile_maps<QStep>(m.step0, p.q, p.B, p.Sq, p.Hq, p.D, p.q_st.b, p.q_st.s, p.q_st.h) &&
+           make_tile_maps<QStep>(m.step1, p.dout, p.B, p.Sq, p.Hq, p.D, p.dout_st.b, p.dout_st.s, p.dout_st.h);
+}
+
+// Whether the warp-specialised kernels can run: padded batches (a TMA box over a varlen tensor
+// would read the next sequence's rows) and lse2 / delta rows that the bulk copies can take
+// (16-byte aligned; ws_pitch is a multiple of 64).
+inline bool ws_bwd_applies(const KernelParams& p) {
+    return p.cu_q == nullptr && reinterpret_cast<uintptr_t>(p.delta) % 16 == 0;
+}
+
 // Launches the delta preprocess and the warp-specialised kernels where they apply (see above);
 // false, having launched nothing, where they do not.
 template <class T, class DkvCfg, class DqCfg>
 bool launch_bwd_ws(const KernelParams& p, cudaStream_t stream) {
-    // The bulk copies of lse2 and delta need 16-byte aligned rows (ws_pitch is a multiple of 64).
-    if (p.cu_q != nullptr || reinterpret_cast<uintptr_t>(p.delta) % 16 != 0) return false;
-    using KBlock = typename DkvCfg::BlockTile;
-    using QStep = typename DkvCfg::StepTile;
+    if (!ws_bwd_applies(p)) return false;
     using QBlock = typename DqCfg::BlockTile;
     using KStep = typename DqCfg::StepTile;
     BwdMaps dkdv{}, dq{};
     const bool want_dkdv = p.dk || p.dv, want_dq = p.dq != nullptr;
-    if (want_dkdv &&
-        !(make_tile_maps<KBlock>(dkdv.block0, p.k, p.B, p.Sk, p.Hkv, p.D, p.k_st.b, p.k_st.s, p.k_st.h) &&
-          make_tile_maps<KBlock>(dkdv.block1, p.v, p.B, p.Sk, p.Hkv, p.D, p.v_st.b, p.v_st.s, p.v_st.h) &&
-          make_tile_maps<QStep>(dkdv.step0, p.q, p.B, p.Sq, p.Hq, p.D, p.q_st.b, p.q_st.s, p.q_st.h) &&
-          make_tile_maps<QStep>(dkdv.step1, p.dout, p.B, p.Sq, p.Hq, p.D, p.dout_st.b, p.dout_st.s, p.dout_st.h)))
-        return false;
+    if (want_dkdv && !make_dkdv_maps<DkvCfg>(dkdv, p)) return false;
     if (want_dq &&
         !(make_tile_maps<QBlock>(dq.block0, p.q, p.B, p.Sq, p.Hq, p.D, p.q_st.b, p.q_st.s, p.q_st.h) &&
           make_tile_maps<QBlock>(dq.block1, p.dout, p.B, p.Sq, p.Hq, p.D, p.dout_st.b, p.dout_st.s, p.dout_st.h) &&
@@ -201,19 +243,6 @@ bool launch_bwd_ws(const KernelParams& p, cudaStream_t stream) {
         check_cuda(cudaGetLastError(), "backward dQ kernel launch (warp-specialised)");
     }
     return true;
-}
-
-// The warp-specialised kernels wherever they apply (p.tma, no varlen, tensors TMA can describe),
-// in the shapes that measured fastest on the H200 (bf16, same run; docs/PERFORMANCE.md): one
-// compute warpgroup a block and two blocks an SM up to kD = 96, two warpgroups and one block at
-// 128. Against BwdShapes' kernels: +10 to +20% at 64, +50% at 80 and 96 (Phi-2: 169 -> 259
-// TFLOP/s), +4 to +23% at 128.
-template <class T, int kD>
-void run_bwd(const KernelParams& p, cudaStream_t stream) {
-    using Ws = std::conditional_t<kD == 128, WsBwdConfig<kD, 2, 1>, WsBwdConfig<kD, 1, 2>>;
-    if (p.tma && launch_bwd_ws<T, Ws, Ws>(p, stream)) return;
-    using Shapes = BwdShapes<kD>;
-    launch_bwd<T, typename Shapes::Dkv, typename Shapes::Dq>(p, stream);
 }
 
 }  // namespace orchard::cuda::sm90

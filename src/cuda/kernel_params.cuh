@@ -32,6 +32,9 @@ struct KernelParams {
     float* delta;
     float* lse2;
     int64_t ws_pitch;
+    // ... then, where the fused Hopper backward may run (backend.cu: fused_bwd), its fp32 dQ sums
+    // (attention_bwd_sm90_fused.cuh: B * Hq * ws_pitch * kD floats); nullptr where it may not.
+    float* dq_accum;
     Strides q_st, k_st, v_st, out_st, dout_st, dq_st, dk_st, dv_st;
     LseStrides lse_st;
     const int32_t* cu_q;  // varlen: nullptr when padded

@@ -14,4 +14,8 @@ void run_fwd(const KernelParams& p, cudaStream_t stream);
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream);
 
+// The head dims of the fused Hopper backward (attention_bwd_sm90_fused.cuh), whose fp32 dQ sums
+// take backward workspace (backend.cu).
+constexpr bool fused_bwd_head_dim(int kD) { return kD == 64 || kD == 128; }
+
 }  // namespace orchard::cuda

@@ -124,6 +124,22 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
                  : "memory");
 }
 
+// Starts adding `bytes` (a multiple of 16) of floats at shared `src` to global `dst` (both 16-byte
+// aligned) element by element, atomically per element, as one bulk reduction of this thread's
+// current bulk group; bulk_commit() closes the group.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+                 "r"(src), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until this thread's bulk groups have read their shared memory (kRead) or completed.
+template <bool kRead>
+__device__ __forceinline__ void bulk_wait_all() {
+    if constexpr (kRead) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+    else asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
 // Starts loading tokens [token0, token0 + kRows) of head h, sequence b into the SwizzledTile at
 // `tile` (1024-byte aligned), one TMA load per column stack; Tile::kBytes arrive on `bar` (the
 // caller announces them with mbarrier_arrive_expect_tx). One thread calls it.
@@ -181,6 +197,12 @@ struct Ring {
         }
     }
 };
+
+// A barrier of `threads` threads (a multiple of 32; whole warps arrive) other than the block's:
+// `id` 1..15 (0 is __syncthreads').
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // Warp specialisation: a warpgroup gives registers back to the block's pool (dec) or takes
 // them from it (inc), so that a producer group holding few lets the compute groups hold more than

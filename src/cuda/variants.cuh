@@ -16,7 +16,7 @@
 #include <string>
 
 #include "cuda/attention_bwd.cuh"
-#include "cuda/attention_bwd_sm90_ws.cuh"
+#include "cuda/attention_bwd_sm90_fused.cuh"
 #include "cuda/attention_fwd.cuh"
 #include "cuda/attention_fwd_sm90_ws.cuh"
 #include "cuda/launch.h"

@@ -100,9 +100,13 @@ __device__ __forceinline__ uint64_t k_major(uint32_t tile, int row0, int kk) {
 
 // The tile's 64-column stacks as an MN-major operand (rows = K, columns = M or N): k-step kk
 // (rows 16kk..16kk+15). Groups of 8 rows are 1024 bytes apart, groups of 64 columns one stack.
+// From column col0 on (a multiple of 32): a 32-column operand may start in the middle of a stack,
+// as K-major operands start their k-steps inside one (the swizzle is a function of the address
+// bits, so the offset carries over).
 template <class Tile>
-__device__ __forceinline__ uint64_t mn_major(uint32_t tile, int kk) {
-    return descriptor(tile + kk * 16 * 128, Tile::kStackBytes, 1024, 128);
+__device__ __forceinline__ uint64_t mn_major(uint32_t tile, int kk, int col0 = 0) {
+    return descriptor(tile + (col0 / 64) * Tile::kStackBytes + (col0 % 64) * 2 + kk * 16 * 128, Tile::kStackBytes,
+                      1024, 128);
 }
 // ... and its 32-column stack: 8-row groups 512 bytes apart, one group of columns.
 template <class Tile>
@@ -159,14 +163,14 @@ __device__ __forceinline__ void fence_regs(float (&d)[kN]) {
 #define ORCHARD_WG_D64 ORCHARD_WG_D32(0), ORCHARD_WG_D32(32)
 #define ORCHARD_WG_D128 ORCHARD_WG_D64, ORCHARD_WG_D32(64), ORCHARD_WG_D32(96)
 
-// D (+)= A B with A and B in shared memory (A K-major; B K-major, or MN-major when kTransB).
+// D (+)= A B with A and B in shared memory (each K-major, or MN-major when kTransA / kTransB).
 // `accumulate == false` overwrites D.
-#define ORCHARD_WGMMA_SS(N, TY, REGS, DOPS, IA, IB, IS, IT)                                     \
+#define ORCHARD_WGMMA_SS(N, TY, REGS, DOPS, IA, IB, IS, ITA, ITB)                                \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                               \
                  "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY "." TY " {" REGS "}, %" #IA \
-                 ", %" #IB ", p, 1, 1, 0, %" #IT ";\n}\n"                                         \
+                 ", %" #IB ", p, 1, 1, %" #ITA ", %" #ITB ";\n}\n"                                \
                  : DOPS                                                                           \
-                 : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(int(kTransB)))
+                 : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(int(kTransA)), "n"(int(kTransB)))
 // D (+)= A B with A in registers (4 x b32, the mma.m16n8k16 A layout) and B in shared memory.
 #define ORCHARD_WGMMA_RS(N, TY, REGS, DOPS, A0, A1, A2, A3, IB, IS, IT)                             \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                                  \
@@ -176,15 +180,17 @@ __device__ __forceinline__ void fence_regs(float (&d)[kN]) {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)),   \
                    "n"(int(kTransB)))
 
-template <class T, int kN, bool kTransB>
+template <class T, int kN, bool kTransB, bool kTransA = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b,
                                          bool accumulate) {
     constexpr bool kHalf = std::is_same_v<T, __half>;
-    if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_SS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35);
-    else if constexpr (kN == 64) ORCHARD_WGMMA_SS(64, "bf16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35);
-    else if constexpr (kN == 128 && kHalf) ORCHARD_WGMMA_SS(128, "f16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67);
-    else if constexpr (kN == 128) ORCHARD_WGMMA_SS(128, "bf16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67);
-    else static_assert(kN == 64 || kN == 128, "wgmma_ss: N = 64 or 128");
+    if constexpr (kN == 32 && kHalf) ORCHARD_WGMMA_SS(32, "f16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20);
+    else if constexpr (kN == 32) ORCHARD_WGMMA_SS(32, "bf16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20);
+    else if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_SS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36);
+    else if constexpr (kN == 64) ORCHARD_WGMMA_SS(64, "bf16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36);
+    else if constexpr (kN == 128 && kHalf) ORCHARD_WGMMA_SS(128, "f16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68);
+    else if constexpr (kN == 128) ORCHARD_WGMMA_SS(128, "bf16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68);
+    else static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_ss: N = 32, 64 or 128");
 }
 
 template <class T, int kN, bool kTransB>

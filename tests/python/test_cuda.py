@@ -167,17 +167,17 @@ def test_expanded_kv_gqa_gradients():
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_deterministic_backward_is_bitwise_repeatable(D):
-    # Both head dims of the Hopper backward's shapes; `deterministic` or not, the same kernels
-    # (no atomics), so all three runs agree bitwise.
+    # The head dims of the fused Hopper backward, whose dQ sums are atomic: `deterministic` takes
+    # the two-kernel backward, bitwise repeatable; the default agrees with it to rounding.
     q, k, v = (torch.randn(2, 512, 4, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     grads = []
     for deterministic in (True, True, False):
         out = orchard.flash_attn_func(q, k, v, causal=True, deterministic=deterministic)
         grads.append(torch.autograd.grad(out.float().sum(), (q, k, v)))
-    for a, b, default in zip(*grads):
-        assert torch.equal(a, b)
-        assert torch.equal(a, default)
+    for name, a, b, default in zip("qkv", *grads):
+        assert torch.equal(a, b), f"d{name}: two deterministic runs differ"
+        assert_close(f"d{name}", default, a, 1e-2)
 
 
 def test_refusals_are_clear():

@@ -1,0 +1,206 @@
+// The fused warp-specialised Hopper backward (sm_90a), FlashAttention 3's layout. One kernel per
+// block of keys computes dK and dV as the dK/dV kernel of attention_bwd_sm90_ws.cuh does (same
+// producer, same steps) and, from each step's dS, that step's share of dQ,
+//   dQ[m0 .. m0 + 64) += dS K   (64 queries x kD, over the block's keys),
+// which it adds to an fp32 workspace (KernelParams::dq_accum) with TMA bulk reductions; a last
+// kernel scales the sums and writes dQ. Five products a step where the two kernels of the
+// unfused backward do seven (their dQ kernel recomputes S and dP). The order of the additions
+// varies from run to run, so `deterministic` keeps the two kernels (backend.cu then leaves
+// dq_accum null), as do varlen batches and head dims other than 64 and 128.
+//
+// A step of compute warpgroup w (keys 64w.. of the block):
+//   dkdv_step (S^T, dP^T, P, dV, dS, dK), also writing its rows of dS^T into sdS[i % 2];
+//   a barrier of the compute groups: every group's rows are in;
+//   dQ columns [w kNq, (w + 1) kNq) = dS K, dS^T read as an MN-major A and K as an MN-major B;
+//   the accumulators to the group's part of sdQ, a barrier of the group, and one thread of it
+//   starts the bulk reduction of that part into dq_accum.
+// sdS has two stages: a group writes stage i % 2 after the barrier of step i - 1, which every
+// group reaches only once its dQ product of step i - 2 has read that stage. sdQ has one: before
+// the barrier of step i, the thread that started step i - 1's reduction waits until it has read
+// sdQ (a whole step later, so it rarely waits).
+//
+// dq_accum: per (sequence, head, 64-query block) a tile of 64 x kD floats, kWG parts of 64 x kNq
+// (columns w kNq..), each in the accumulators' order: float4 j of compute thread t at float
+// (128 j + t) * 4, holding C tile j's four elements (wgmma.cuh): rows 16 (t / 32) + t % 32 / 4
+// and 8 more, columns 8 j + 2 (t % 4) and one more. So the sdQ writes and the reductions are
+// plain contiguous copies.
+#pragma once
+
+#include "cuda/attention_bwd_sm90_ws.cuh"
+#include "cuda/launch.h"
+
+namespace orchard::cuda::sm90 {
+
+// kD = 64 or 128 (launch.h: fused_bwd_head_dim); kWG compute groups of 64 keys each.
+template <int kD_, int kWG_, int kMinBlocks_ = 1, int kStages_ = 2>
+struct FusedBwdConfig : WsBwdConfig<kD_, kWG_, kMinBlocks_, kStages_> {
+    using Base = WsBwdConfig<kD_, kWG_, kMinBlocks_, kStages_>;
+    static_assert(fused_bwd_head_dim(kD_));
+    static constexpr int kDqCols = kD_ / kWG_;  // dQ columns a group multiplies (wgmma N: 32, 64, 128)
+    using DsTile = SwizzledTile<Base::kBlock, Base::kStep>;  // dS^T: the block's keys x the step's queries
+    static constexpr int kDqPartBytes = Base::kStep * kDqCols * 4;
+    // The dK/dV kernel's memory, then (1024-aligned) two stages of dS^T and a dQ part per group.
+    static constexpr size_t kSmem = Base::kDkvSmem + 1024 + 2 * DsTile::kBytes + kWG_ * kDqPartBytes;
+};
+
+// The first float of the dq_accum tile of queries m0.. (a multiple of 64) of head h, sequence b.
+__device__ __forceinline__ int64_t dq_accum_tile(const KernelParams& p, int b, int h, int64_t m0, int kD) {
+    return ((int64_t(b) * p.Hq + h) * (p.ws_pitch / 64) + m0 / 64) * 64 * kD;
+}
+
+// Writes a warp's dS^T fragments (its 16 keys kr.. x the step's queries, as dkdv_step's A
+// fragments) into the swizzled tile: 32-bit stores, a warp's 32 on distinct banks.
+template <class Tile, int kSteps>
+__device__ __forceinline__ void store_ds_t(uint32_t tile, int kr, const uint32_t (&a)[kSteps][4]) {
+    const int lane = threadIdx.x % 32, r = kr + lane / 4, c = lane % 4 * 2;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {  // fragment f: rows +8 when odd, columns +8 from the third
+            const uint32_t at = tile + Tile::offset(r + f % 2 * 8, 16 * ks + f / 2 * 8) + c * 2;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(a[ks][f]) : "memory");
+        }
+}
+
+template <class T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+    attention_bwd_fused_kernel(const KernelParams p, const __grid_constant__ BwdMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int kDT = Cfg::kD / 8, kBN = Cfg::kBlock, kBM = Cfg::kStep, kNq = Cfg::kDqCols;
+    using DsTile = typename Cfg::DsTile;
+    using KTile = typename Cfg::BlockTile;
+    extern __shared__ unsigned char smem_raw[];
+    const DkdvLayout<Cfg> l((smem_addr(smem_raw) + 1023) & ~1023u);
+    const uint32_t sdS = (l.end + 1023) & ~1023u;   // [2] DsTile
+    const uint32_t sdQ = sdS + 2 * DsTile::kBytes;  // [kWG] parts of kBM x kNq floats
+    const int b = blockIdx.z;
+    const Seq s = seq_of(p, b);
+    const int64_t n0 = int64_t(blockIdx.x) * kBN;
+    const DkdvSteps steps(p, s, blockIdx.y, n0, kBN, kBM);
+
+    if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer
+        if (threadIdx.x == 0) produce_dkdv<Cfg>(p, maps, l, steps, b, int(n0));
+        return;
+    }
+
+    setmaxnreg_inc<Cfg::kComputeRegs>();
+    const int wg = threadIdx.x / 128 - 1, t = threadIdx.x % 128, warp = threadIdx.x / 32 - 4;
+    const int kr = warp * 16;  // this warp's first key inside the block
+    const uint32_t part = sdQ + wg * Cfg::kDqPartBytes;
+    float acc_dk[kDT][4] = {}, acc_dv[kDT][4] = {};
+    mbarrier_wait(l.kv_full, 0);  // also where no query sees the block: no load outlives it
+    for (int i = 0; i < steps.count(); ++i) {
+        const int h = steps.head(i);
+        const int64_t m0 = steps.m0(i);
+        const uint32_t tDs = sdS + (i & 1) * DsTile::kBytes;
+        l.ring.wait(i);
+        dkdv_step<T, Cfg>(p, s, b, h, m0, n0, kr, l.sK, l.sV, l.q(i), l.dout(i), l.lse(smem_raw, i),
+                          l.delta(smem_raw, i), acc_dk, acc_dv, [&](const uint32_t(&ads)[kBM / 16][4]) {
+                              store_ds_t<DsTile>(tDs, kr, ads);
+                              fence_async_smem();  // before the dQ product reads them
+                          });
+        l.ring.release(i);
+        if (t == 0) bulk_wait_all<true>();  // step i - 1's reduction has read sdQ
+        named_barrier_sync(1, 128 * Cfg::kWG);
+
+        float acc_dq[kNq / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+            wgmma_ss<T, kNq, true, true>(acc_dq, mn_major<DsTile>(tDs, kk), mn_major<KTile>(l.sK, kk, wg * kNq),
+                                         kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(acc_dq);
+#pragma unroll
+        for (int j = 0; j < kNq / 8; ++j)
+            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(part + (j * 128 + t) * 16),
+                         "f"(acc_dq[4 * j]), "f"(acc_dq[4 * j + 1]), "f"(acc_dq[4 * j + 2]), "f"(acc_dq[4 * j + 3])
+                         : "memory");
+        fence_async_smem();  // before the bulk reduction reads them
+        named_barrier_sync(2 + wg, 128);
+        if (t == 0) {
+            bulk_reduce_add_f32(p.dq_accum + dq_accum_tile(p, b, h, m0, Cfg::kD) + wg * kBM * kNq, part,
+                                Cfg::kDqPartBytes);
+            bulk_commit();
+        }
+    }
+    if (t == 0) bulk_wait_all<false>();
+    store_dkdv<T, Cfg::kD>(p, s, b, steps.hk, n0 + kr, acc_dk, acc_dv);
+#else
+    __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
+#endif
+}
+
+// dQ = scale * dq_accum for one 64-query tile (blockIdx.x) of head blockIdx.y, sequence
+// blockIdx.z. A task is 8 columns of a row pair (r, r + 8): four float4s of four consecutive
+// threads' fragments (see above), two 16-byte stores.
+template <class T, class Cfg>
+__global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const KernelParams p) {
+    constexpr int kD = Cfg::kD, kNq = Cfg::kDqCols;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int64_t m0 = int64_t(blockIdx.x) * 64;
+    const Seq s = seq_of(p, b);
+    const float* tile = p.dq_accum + dq_accum_tile(p, b, h, m0, kD);
+    T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + int64_t(h) * p.dq_st.h;
+    for (int task = threadIdx.x; task < 32 * (kD / 8); task += blockDim.x) {
+        const int col = task % (kD / 8) * 8, pair = task / (kD / 8), r = pair / 8 * 16 + pair % 8;
+        if (col >= p.D) continue;
+        const float4* src = reinterpret_cast<const float4*>(tile + col / kNq * 64 * kNq) +
+                            (col % kNq / 8 * 128 + 32 * (r / 16) + 4 * (r % 8));
+        uint32_t lo[4], hi[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const float4 v = src[u];
+            lo[u] = pack2<T>(v.x * p.scale, v.y * p.scale);
+            hi[u] = pack2<T>(v.z * p.scale, v.w * p.scale);
+        }
+        if (m0 + r < s.sq)
+            *reinterpret_cast<uint4*>(dq + (m0 + r) * p.dq_st.s + col) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+        if (m0 + r + 8 < s.sq)
+            *reinterpret_cast<uint4*>(dq + (m0 + r + 8) * p.dq_st.s + col) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    }
+}
+
+// Launches the delta preprocess, the zeroing of dq_accum, the fused kernel and the conversion
+// where they apply (dq_accum given, dQ and dK or dV wanted, ws_bwd_applies, tensors TMA can
+// describe); false, having launched nothing, where they do not.
+template <class T, class Cfg>
+bool launch_bwd_fused(const KernelParams& p, cudaStream_t stream) {
+    if (p.dq_accum == nullptr || p.dq == nullptr || !(p.dk || p.dv) || !ws_bwd_applies(p)) return false;
+    BwdMaps maps{};
+    if (!make_dkdv_maps<Cfg>(maps, p)) return false;
+    launch_bwd_delta<T>(p, stream);
+    const size_t accum_bytes = size_t(p.B) * p.Hq * p.ws_pitch * Cfg::kD * sizeof(float);
+    check_cuda(cudaMemsetAsync(p.dq_accum, 0, accum_bytes, stream), "cudaMemsetAsync (backward dQ sums)");
+    const dim3 grid(unsigned((p.Sk + Cfg::kBlock - 1) / Cfg::kBlock), unsigned(p.Hkv), unsigned(p.B));
+    if (!empty_grid(grid)) {  // without keys dQ is the zeros the conversion writes
+        auto kernel = attention_bwd_fused_kernel<T, Cfg>;
+        set_smem(kernel, Cfg::kSmem, "cudaFuncSetAttribute (fused backward)");
+        kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps);
+        check_cuda(cudaGetLastError(), "fused backward kernel launch");
+    }
+    const dim3 convert_grid(unsigned(p.ws_pitch / 64), unsigned(p.Hq), unsigned(p.B));
+    if (!empty_grid(convert_grid)) {
+        attention_bwd_dq_convert_kernel<T, Cfg><<<convert_grid, 256, 0, stream>>>(p);
+        check_cuda(cudaGetLastError(), "backward dQ conversion kernel launch");
+    }
+    return true;
+}
+
+// The fused kernel where it applies (two compute groups, 128 keys a block); else the
+// warp-specialised two-kernel backward (p.tma, no varlen, tensors TMA can describe), in the shapes
+// that measured fastest on the H200 (bf16, same run; docs/PERFORMANCE.md): one compute group a
+// block and two blocks an SM up to kD = 96, two groups and one block at 128 (against BwdShapes'
+// kernels: +10 to +20% at 64, +50% at 80 and 96, +4 to +23% at 128); else the cp.async ones.
+template <class T, int kD>
+void run_bwd(const KernelParams& p, cudaStream_t stream) {
+    if constexpr (fused_bwd_head_dim(kD))
+        if (p.tma && launch_bwd_fused<T, FusedBwdConfig<kD, 2>>(p, stream)) return;
+    using Ws = std::conditional_t<kD == 128, WsBwdConfig<kD, 2, 1>, WsBwdConfig<kD, 1, 2>>;
+    if (p.tma && launch_bwd_ws<T, Ws, Ws>(p, stream)) return;
+    using Shapes = BwdShapes<kD>;
+    launch_bwd<T, typename Shapes::Dkv, typename Shapes::Dq>(p, stream);
+}
+
+}  // namespace orchard::cuda::sm90
