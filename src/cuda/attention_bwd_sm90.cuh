@@ -47,18 +47,21 @@ struct BwdShapes {
     using Dq = std::conditional_t<kD == 96, BwdConfig<kD, 2, 1>, BwdConfig<kD, 1, kD <= 80 ? 3 : 2>>;
 };
 
-// What a dK/dV step does with its dS^T besides dK: nothing (the fused kernel stores it for dQ).
+// What a dK/dV step does with its dS^T besides dK: nothing (the fused kernel stores it, then
+// multiplies dQ while dK is multiplied).
 struct NoDsUse {
     template <class Frags>
-    __device__ __forceinline__ void operator()(const Frags&) const {}
+    __device__ __forceinline__ void store(const Frags&) const {}
+    __device__ __forceinline__ void after_dk() const {}
 };
 
 // One step of the dK/dV kernels (this file's, the warp-specialised and the fused one) for a
 // warp's 16 keys (kr.. of the block's keys n0..; its warpgroup's K and V rows in sK, sV) against
 // the kStep queries m0.. of head h (tiles tQ, tdO; their lse2 and delta in tLse, tDelta). S^T =
 // K Q^T and dP^T = V dO^T, committed separately so that P is computed while dP^T is multiplied;
-// dV += (P z)^T dO (dO an MN-major operand) while dS is computed; use_ds(dS^T as A fragments
-// [kStep / 16][4]); then dK += dS^T Q. Returns once every product has read its tiles.
+// dV += (P z)^T dO (dO an MN-major operand) while dS is computed; use_ds.store(dS^T as A
+// fragments [kStep / 16][4]); dK += dS^T Q, and use_ds.after_dk() while it runs. Returns once
+// every product (use_ds's too) is done.
 template <class T, class Cfg, class UseDs = NoDsUse>
 __device__ __forceinline__ void dkdv_step(const KernelParams& p, const Seq& s, int b, int h, int64_t m0, int64_t n0,
                                           int kr, uint32_t sK, uint32_t sV, uint32_t tQ, uint32_t tdO,
@@ -102,12 +105,13 @@ __device__ __forceinline__ void dkdv_step(const KernelParams& p, const Seq& s, i
     el.dS_of(st, dpt, keep, tDelta);
 #pragma unroll
     for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
-    use_ds(ads);
+    use_ds.store(ads);
     fence_regs(dk);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kBM / 16; ++ks) wgmma_rs_tile<T, QTile>(dk, ads[ks], tQ, ks);
     wgmma_commit();
+    use_ds.after_dk();
     wgmma_wait<0>();
     fence_regs(dv);
     fence_regs(dk);

@@ -9,9 +9,10 @@
 // dq_accum null), as do varlen batches and head dims other than 64 and 128.
 //
 // A step of compute warpgroup w (keys 64w.. of the block):
-//   dkdv_step (S^T, dP^T, P, dV, dS, dK), also writing its rows of dS^T into sdS[i % 2];
-//   a barrier of the compute groups: every group's rows are in;
-//   dQ columns [w kNq, (w + 1) kNq) = dS K, dS^T read as an MN-major A and K as an MN-major B;
+//   dkdv_step (S^T, dP^T, P, dV, dS, dK), also writing its rows of dS^T into sdS[i % 2] and,
+//   while dK is multiplied (DqFromDs), waiting at a barrier of the compute groups for every
+//   group's rows, then multiplying dQ columns [w kNq, (w + 1) kNq) = dS K (dS^T read as an
+//   MN-major A, K as an MN-major B);
 //   the accumulators to the group's part of sdQ, a barrier of the group, and one thread of it
 //   starts the bulk reduction of that part into dq_accum.
 // sdS has two stages: a group writes stage i % 2 after the barrier of step i - 1, which every
@@ -62,13 +63,39 @@ __device__ __forceinline__ void store_ds_t(uint32_t tile, int kr, const uint32_t
         }
 }
 
+// dkdv_step's use of dS^T in the fused kernel: store() writes the warp's rows into stage tDs;
+// after_dk(), while dK is multiplied, waits for every group's rows (and, in thread t == 0, for
+// the last reduction to have read sdQ) and starts the group's dQ product into acc_dq.
+template <class T, class Cfg>
+struct DqFromDs {
+    using DsTile = typename Cfg::DsTile;
+    using KTile = typename Cfg::BlockTile;
+    static constexpr int kNq = Cfg::kDqCols;
+    uint32_t tDs, sK;
+    int kr, wg, t;
+    float (&acc_dq)[kNq / 2];
+
+    __device__ __forceinline__ void store(const uint32_t (&ads)[Cfg::kStep / 16][4]) const {
+        store_ds_t<DsTile>(tDs, kr, ads);
+        fence_async_smem();  // before the dQ products read them
+    }
+    __device__ __forceinline__ void after_dk() const {
+        if (t == 0) bulk_wait_all<true>();
+        named_barrier_sync(1, 128 * Cfg::kWG);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kBlock / 16; ++kk)
+            wgmma_ss<T, kNq, true, true>(acc_dq, mn_major<DsTile>(tDs, kk), mn_major<KTile>(sK, kk, wg * kNq), kk > 0);
+        wgmma_commit();
+    }
+};
+
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     attention_bwd_fused_kernel(const KernelParams p, const __grid_constant__ BwdMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kDT = Cfg::kD / 8, kBN = Cfg::kBlock, kBM = Cfg::kStep, kNq = Cfg::kDqCols;
     using DsTile = typename Cfg::DsTile;
-    using KTile = typename Cfg::BlockTile;
     extern __shared__ unsigned char smem_raw[];
     const DkdvLayout<Cfg> l((smem_addr(smem_raw) + 1023) & ~1023u);
     const uint32_t sdS = (l.end + 1023) & ~1023u;   // [2] DsTile
@@ -87,30 +114,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int wg = threadIdx.x / 128 - 1, t = threadIdx.x % 128, warp = threadIdx.x / 32 - 4;
     const int kr = warp * 16;  // this warp's first key inside the block
     const uint32_t part = sdQ + wg * Cfg::kDqPartBytes;
-    float acc_dk[kDT][4] = {}, acc_dv[kDT][4] = {};
+    float acc_dk[kDT][4] = {}, acc_dv[kDT][4] = {}, acc_dq[kNq / 2];
     mbarrier_wait(l.kv_full, 0);  // also where no query sees the block: no load outlives it
     for (int i = 0; i < steps.count(); ++i) {
         const int h = steps.head(i);
         const int64_t m0 = steps.m0(i);
-        const uint32_t tDs = sdS + (i & 1) * DsTile::kBytes;
+        const DqFromDs<T, Cfg> dq{sdS + (i & 1) * DsTile::kBytes, l.sK, kr, wg, t, acc_dq};
         l.ring.wait(i);
         dkdv_step<T, Cfg>(p, s, b, h, m0, n0, kr, l.sK, l.sV, l.q(i), l.dout(i), l.lse(smem_raw, i),
-                          l.delta(smem_raw, i), acc_dk, acc_dv, [&](const uint32_t(&ads)[kBM / 16][4]) {
-                              store_ds_t<DsTile>(tDs, kr, ads);
-                              fence_async_smem();  // before the dQ product reads them
-                          });
+                          l.delta(smem_raw, i), acc_dk, acc_dv, dq);
         l.ring.release(i);
-        if (t == 0) bulk_wait_all<true>();  // step i - 1's reduction has read sdQ
-        named_barrier_sync(1, 128 * Cfg::kWG);
-
-        float acc_dq[kNq / 2];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-            wgmma_ss<T, kNq, true, true>(acc_dq, mn_major<DsTile>(tDs, kk), mn_major<KTile>(l.sK, kk, wg * kNq),
-                                         kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
         fence_regs(acc_dq);
 #pragma unroll
         for (int j = 0; j < kNq / 8; ++j)
