@@ -58,11 +58,12 @@ void launch_fitting(const KernelParams& p, const char* direction, Launch launch)
 }
 
 // On Hopper (p.sm90) the wgmma kernels take the head dims whose tiles and products they have:
-// 64, 80, 96, 128 and 256 (forward), 64, 80, 96 and 128 (backward), in the shapes that measured
-// fastest on the H200 (sm90::run_fwd, sm90::BwdShapes; docs/PERFORMANCE.md).
+// 64, 80, 96 and from 128 on (forward; past 128 the output product splits into N = 128 or 192
+// plus a narrow stack), 64, 80, 96 and 128 (backward), in the shapes that measured fastest on the
+// H200 (sm90::run_fwd, sm90::BwdShapes, sm90::run_bwd; docs/PERFORMANCE.md).
 template <class T, int kD>
 void run_fwd(const KernelParams& p, cudaStream_t stream) {
-    if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128 || kD == 256)
+    if constexpr (kD == 64 || kD == 80 || kD == 96 || kD >= 128)
         if (p.sm90) return sm90::run_fwd<T, kD>(p, stream);
     launch_fitting<FwdConfigFor<kD>, FwdSmallConfigFor<kD>>(
         p, "forward", [&](auto cfg) { launch_fwd<T, decltype(cfg)>(p, stream); });

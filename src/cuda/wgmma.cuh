@@ -149,6 +149,10 @@ __device__ __forceinline__ void fence_regs(float (&d)[kN]) {
     ORCHARD_WG_R32                                                                                 \
     ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
     "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define ORCHARD_WG_R96                                                                             \
+    ORCHARD_WG_R64                                                                                 \
+    ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
+    "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
 #define ORCHARD_WG_R128                                                                            \
     ORCHARD_WG_R64                                                                                 \
     ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
@@ -161,7 +165,8 @@ __device__ __forceinline__ void fence_regs(float (&d)[kN]) {
 #define ORCHARD_WG_D16 ORCHARD_WG_D8(0), ORCHARD_WG_D8(8)
 #define ORCHARD_WG_D32(i) ORCHARD_WG_D8(i), ORCHARD_WG_D8(i + 8), ORCHARD_WG_D8(i + 16), ORCHARD_WG_D8(i + 24)
 #define ORCHARD_WG_D64 ORCHARD_WG_D32(0), ORCHARD_WG_D32(32)
-#define ORCHARD_WG_D128 ORCHARD_WG_D64, ORCHARD_WG_D32(64), ORCHARD_WG_D32(96)
+#define ORCHARD_WG_D96 ORCHARD_WG_D64, ORCHARD_WG_D32(64)
+#define ORCHARD_WG_D128 ORCHARD_WG_D96, ORCHARD_WG_D32(96)
 
 // D (+)= A B with A and B in shared memory (each K-major, or MN-major when kTransA / kTransB).
 // `accumulate == false` overwrites D.
@@ -205,9 +210,12 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[kN / 2], const uint32_t (&a)
     else if constexpr (kN == 64) ORCHARD_WGMMA_RS(64, "bf16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36, 37, 38);
     else if constexpr (kN == 128 && kHalf) ORCHARD_WGMMA_RS(128, "f16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68, 69, 70);
     else if constexpr (kN == 128) ORCHARD_WGMMA_RS(128, "bf16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68, 69, 70);
+    else if constexpr (kN == 192 && kHalf) ORCHARD_WGMMA_RS(192, "f16", ORCHARD_WG_R96, ORCHARD_WG_D96, 96, 97, 98, 99, 100, 101, 102);
+    else if constexpr (kN == 192) ORCHARD_WGMMA_RS(192, "bf16", ORCHARD_WG_R96, ORCHARD_WG_D96, 96, 97, 98, 99, 100, 101, 102);
     else if constexpr (kN == 256 && kHalf) ORCHARD_WGMMA_RS(256, "f16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132, 133, 134);
     else if constexpr (kN == 256) ORCHARD_WGMMA_RS(256, "bf16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132, 133, 134);
-    else static_assert(kN == 16 || kN == 32 || kN == 64 || kN == 128 || kN == 256, "wgmma_rs: N = 16, 32, 64, 128 or 256");
+    else static_assert(kN == 16 || kN == 32 || kN == 64 || kN == 128 || kN == 192 || kN == 256,
+                       "wgmma_rs: N = 16, 32, 64, 128, 192 or 256");
 }
 
 // D (kD / 2 floats) += A B with A in registers and B = k-step kk of a tile read MN-major with
@@ -227,11 +235,13 @@ __device__ __forceinline__ void wgmma_rs_tile(float (&d)[Tile::kD / 2], const ui
 #undef ORCHARD_WGMMA_RS
 #undef ORCHARD_WGMMA_SS
 #undef ORCHARD_WG_D128
+#undef ORCHARD_WG_D96
 #undef ORCHARD_WG_D64
 #undef ORCHARD_WG_D32
 #undef ORCHARD_WG_D16
 #undef ORCHARD_WG_D8
 #undef ORCHARD_WG_R128
+#undef ORCHARD_WG_R96
 #undef ORCHARD_WG_R64
 #undef ORCHARD_WG_R32
 #undef ORCHARD_WG_R16

@@ -110,6 +110,9 @@ TEST(Wgmma, SharedKMajorTimesKMajorN128) { check<128, false>(); }
 TEST(Wgmma, RegistersTimesMnMajorN64) { check<64, true>(); }
 TEST(Wgmma, RegistersTimesMnMajorN128) { check<128, true>(); }
 TEST(Wgmma, RegistersTimesMnMajorN256) { check<256, true>(); }
+TEST(Wgmma, RegistersTimesMnMajorN192) { check<192, true>(); }
+TEST(Wgmma, RegistersTimesMnMajorN160) { check<160, true>(); }
+TEST(Wgmma, RegistersTimesMnMajorN224) { check<224, true>(); }
 TEST(Wgmma, SharedKMajorTimesKMajorK96) { check<64, false, 96>(); }
 TEST(Wgmma, RegistersTimesMnMajorN96) { check<96, true>(); }
 TEST(Wgmma, SharedKMajorTimesKMajorK80) { check<64, false, 80>(); }

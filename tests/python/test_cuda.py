@@ -28,6 +28,7 @@ CUDA_CASES.update({
     "d96": Config(sq=130, sk=257, hq=2, hkv=1, d=96),
     "d128_window": Config(b=2, sq=700, sk=700, hq=2, hkv=1, d=128, causal=True, window=(200, -1)),
     "d256": Config(sq=100, sk=170, hq=2, hkv=2, d=256),
+    "d192_causal": Config(b=2, sq=300, sk=260, hq=2, hkv=1, d=192, causal=True),
     "d128_dropout": Config(sq=200, sk=260, hq=2, hkv=1, d=128, dropout_p=0.25, seed=99),
 })
 
