@@ -4,7 +4,10 @@ tools/gpu_ab.sh runs it for each build in turn, several rounds, and compares eac
 round. Checksums of the outputs (out, lse, and dq, dk with --bwd) let the summary say whether the
 builds computed the same numbers. bf16, DESIGN.md's FLOP formula.
 
-    PYTHONPATH=SITE python bench/ab_cuda.py NAME [--flash] [--bwd] [--cases B:S:H:D[:c],...]
+    PYTHONPATH=SITE python bench/ab_cuda.py NAME [--flash] [--bwd] [--cases B:S:H:D[:c[:wW]],...]
+
+H is a head count or Hq/Hkv (GQA); wW a left window of W keys (causal cases). SDPA's flash
+backend runs only where Hq == Hkv and there is no window.
 """
 
 import argparse
@@ -25,21 +28,30 @@ DEFAULT_CASES = "16:1024:32:64:c,8:2048:32:64:c,4:4096:32:64:c,8:2048:32:80:c,16
 
 
 def parse_case(text: str):
-    """'B:S:H:D' or 'B:S:H:D:c' (causal) -> (B, S, H, D, causal)."""
+    """'B:S:H:D', 'B:S:H:D:c' (causal) or 'B:S:H:D:c:wW', H = 'Hq' or 'Hq/Hkv'
+    -> (key, B, S, Hq, Hkv, D, causal, window)."""
     parts = text.split(":")
-    if len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "c"):
-        raise SystemExit(f"ab_cuda.py: a case is B:S:H:D or B:S:H:D:c, got {text!r}")
-    B, S, H, D = (int(x) for x in parts[:4])
-    return B, S, H, D, len(parts) == 5
+    ok = 4 <= len(parts) <= 6 and (len(parts) < 5 or parts[4] == "c") and \
+        (len(parts) < 6 or parts[5].startswith("w"))
+    if not ok:
+        raise SystemExit(f"ab_cuda.py: a case is B:S:H:D[:c[:wW]], got {text!r}")
+    B, S, D = int(parts[0]), int(parts[1]), int(parts[3])
+    Hq, Hkv = (int(x) for x in parts[2].split("/")) if "/" in parts[2] else (int(parts[2]),) * 2
+    causal, window = len(parts) >= 5, int(parts[5][1:]) if len(parts) == 6 else -1
+    key = f"d{D}{'c' if causal else ''}_{S}" + (f"_h{Hq}-{Hkv}" if Hq != Hkv else "") + \
+        (f"_w{window}" if window >= 0 else "")
+    return key, B, S, Hq, Hkv, D, causal, window
 
 
-def measure(B, S, H, D, causal, bwd: bool, flash: bool) -> dict:
+def measure(B, S, Hq, Hkv, D, causal, window, bwd: bool, flash: bool) -> dict:
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q = torch.randn(B, S, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     dout = torch.randn_like(q)
-    flops = 4 * B * H * D * visible_pairs(S, causal, -1)
+    flops = 4 * B * Hq * D * visible_pairs(S, causal, window)
+    flash = flash and Hq == Hkv and window < 0
     # The op's options: no varlen, no dropout, default scale, causal as a right window of 0.
-    opts = (None, None, 0, 0, 0.0, None, causal, -1, 0 if causal else -1, 0.0, None,
+    opts = (None, None, 0, 0, 0.0, None, causal, window, 0 if causal else -1, 0.0, None,
             torch.zeros(2, dtype=torch.int64), False)
     out, lse = _ops.ops.fwd(q, k, v, *opts, "bench")
     res = {"fwd": flops / cuda_time(lambda: _ops.ops.fwd(q, k, v, *opts, "bench")) / 1e12,
@@ -67,12 +79,13 @@ def main() -> None:
     ap.add_argument("name", help="the build's name in the JSON line")
     ap.add_argument("--flash", action="store_true", help="also time SDPA's flash backend")
     ap.add_argument("--bwd", action="store_true", help="also time the backward")
-    ap.add_argument("--cases", default=DEFAULT_CASES, help="B:S:H:D[:c],... (c = causal)")
+    ap.add_argument("--cases", default=DEFAULT_CASES,
+                    help="B:S:H:D[:c[:wW]],... (c = causal, H = Hq or Hq/Hkv, wW = left window W)")
     a = ap.parse_args()
     row = {"build": a.name}
     for text in a.cases.split(","):
-        B, S, H, D, causal = parse_case(text)
-        row[f"d{D}{'c' if causal else ''}_{S}"] = measure(B, S, H, D, causal, a.bwd, a.flash)
+        key, *case = parse_case(text)
+        row[key] = measure(*case, a.bwd, a.flash)
     print(json.dumps(row), flush=True)
 
 

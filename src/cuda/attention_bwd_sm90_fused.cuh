@@ -92,7 +92,7 @@ struct DqFromDs {
 
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
-    attention_bwd_fused_kernel(const KernelParams p, const __grid_constant__ BwdMaps maps) {
+    attention_bwd_fused_kernel(const KernelParams p, const __grid_constant__ BwdMaps maps, bool longest_first) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kDT = Cfg::kD / 8, kBN = Cfg::kBlock, kBM = Cfg::kStep, kNq = Cfg::kDqCols;
     using DsTile = typename Cfg::DsTile;
@@ -100,10 +100,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const DkdvLayout<Cfg> l((smem_addr(smem_raw) + 1023) & ~1023u);
     const uint32_t sdS = (l.end + 1023) & ~1023u;   // [2] DsTile
     const uint32_t sdQ = sdS + 2 * DsTile::kBytes;  // [kWG] parts of kBM x kNq floats
-    const int b = blockIdx.z;
+    // A one-dimensional grid of (key block, kv head, sequence) units, key blocks fastest, or
+    // slowest where longest_first (launch_bwd_fused).
+    const int n_blocks = int((p.Sk + kBN - 1) / kBN), heads = p.Hkv * p.B, unit = int(blockIdx.x);
+    const int n_block = longest_first ? unit / heads : unit % n_blocks;
+    const int hb = longest_first ? unit % heads : unit / n_blocks, b = hb / p.Hkv;
     const Seq s = seq_of(p, b);
-    const int64_t n0 = int64_t(blockIdx.x) * kBN;
-    const DkdvSteps steps(p, s, blockIdx.y, n0, kBN, kBM);
+    const int64_t n0 = int64_t(n_block) * kBN;
+    const DkdvSteps steps(p, s, hb % p.Hkv, n0, kBN, kBM);
 
     if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer
         if (threadIdx.x == 0) produce_dkdv<Cfg>(p, maps, l, steps, b, int(n0));
@@ -180,17 +184,25 @@ __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const Ker
 // describe); false, having launched nothing, where they do not.
 template <class T, class Cfg>
 bool launch_bwd_fused(const KernelParams& p, cudaStream_t stream) {
-    if (p.dq_accum == nullptr || p.dq == nullptr || !(p.dk || p.dv) || !ws_bwd_applies(p)) return false;
+    if (p.dq_accum == nullptr || p.dq == nullptr || !(p.dk || p.dv) || !ws_bwd_applies(p) ||
+        (p.Sk + Cfg::kBlock - 1) / Cfg::kBlock * p.Hkv * p.B > INT32_MAX)  // a one-dimensional grid
+        return false;
     BwdMaps maps{};
     if (!make_dkdv_maps<Cfg>(maps, p)) return false;
     launch_bwd_delta<T>(p, stream);
     const size_t accum_bytes = size_t(p.B) * p.Hq * p.ws_pitch * Cfg::kD * sizeof(float);
     check_cuda(cudaMemsetAsync(p.dq_accum, 0, accum_bytes, stream), "cudaMemsetAsync (backward dQ sums)");
-    const dim3 grid(unsigned((p.Sk + Cfg::kBlock - 1) / Cfg::kBlock), unsigned(p.Hkv), unsigned(p.B));
-    if (!empty_grid(grid)) {  // without keys dQ is the zeros the conversion writes
+    // Under a causal mask (a right window) a block's work shrinks with its index: the first
+    // blocks, which the most queries see, are the longest. Those of every (head, sequence) then
+    // start before any second ones, so that the grid's last wave holds short blocks (+x% on
+    // StarCoder2-3B's shapes, whose 256 blocks fill 2 waves). Otherwise a head's blocks run
+    // together and share their Q and dO reads in L2.
+    const bool longest_first = p.window_right < kUnbounded;
+    const int64_t units = (p.Sk + Cfg::kBlock - 1) / Cfg::kBlock * p.Hkv * p.B;
+    if (units > 0) {  // without keys dQ is the zeros the conversion writes
         auto kernel = attention_bwd_fused_kernel<T, Cfg>;
         set_smem(kernel, Cfg::kSmem, "cudaFuncSetAttribute (fused backward)");
-        kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps);
+        kernel<<<unsigned(units), Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps, longest_first);
         check_cuda(cudaGetLastError(), "fused backward kernel launch");
     }
     const dim3 convert_grid(unsigned(p.ws_pitch / 64), unsigned(p.Hq), unsigned(p.B));
@@ -201,7 +213,9 @@ bool launch_bwd_fused(const KernelParams& p, cudaStream_t stream) {
     return true;
 }
 
-// The fused kernel where it applies (two compute groups, 128 keys a block); else the
+// The fused kernel where it applies (two compute groups and 128 keys a block at head dim 128;
+// one group, 64 keys, two blocks an SM at 64: +8% at 1k tokens, within 1% from 16k, on the
+// H200); else the
 // warp-specialised two-kernel backward (p.tma, no varlen, tensors TMA can describe), in the shapes
 // that measured fastest on the H200 (bf16, same run; docs/PERFORMANCE.md): one compute group a
 // block and two blocks an SM up to kD = 96, two groups and one block at 128 (against BwdShapes'
@@ -209,7 +223,8 @@ bool launch_bwd_fused(const KernelParams& p, cudaStream_t stream) {
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream) {
     if constexpr (fused_bwd_head_dim(kD))
-        if (p.tma && launch_bwd_fused<T, FusedBwdConfig<kD, 2>>(p, stream)) return;
+        if (p.tma && launch_bwd_fused<T, FusedBwdConfig<kD, kD == 64 ? 1 : 2, kD == 64 ? 2 : 1>>(p, stream))
+            return;
     using Ws = std::conditional_t<kD == 128, WsBwdConfig<kD, 2, 1>, WsBwdConfig<kD, 1, 2>>;
     if (p.tma && launch_bwd_ws<T, Ws, Ws>(p, stream)) return;
     using Shapes = BwdShapes<kD>;
