@@ -213,8 +213,9 @@ std::vector<Param> widened(std::initializer_list<int64_t> dims) {
 }
 
 // Head dims of the Hopper (wgmma) kernels, so that every feature of the list runs through them
-// (192: the forward's N = 192 products; its backward runs the mma.sync kernels).
-INSTANTIATE_TEST_SUITE_P(CudaWide, CudaVsReference, ::testing::ValuesIn(widened({64, 80, 128, 192})),
+// (160, 192, 224: the forward's output products of N = 128 + 32, 192, 192 + 32; their backward
+// runs the mma.sync kernels; they are tested where built, refused with a reason elsewhere).
+INSTANTIATE_TEST_SUITE_P(CudaWide, CudaVsReference, ::testing::ValuesIn(widened({64, 80, 128, 160, 192, 224})),
                          [](const auto& info) { return case_name(info.param.c, info.param.dt); });
 
 // The mma.sync kernels under the shared memory of a consumer GPU (99 KiB: RTX 30x0 / 40x0 /
