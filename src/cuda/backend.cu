@@ -174,13 +174,19 @@ size_t smem_limit(int device) {
     return limit;
 }
 
+// What the kernels' choices read of the device, on each call.
+void set_device_facts(KernelParams& p, int device) {
+    p.sm90 = use_sm90(device);
+    p.tma = p.sm90 && use_tma();
+    p.smem_limit = smem_limit(device);
+    check_cuda(cudaDeviceGetAttribute(&p.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+}
+
 void attention_fwd(const AttentionParams& a) {
     const DeviceScope scope(a.device.index);
     const Variant& v = *find_variant(a.D);
     KernelParams p = make_kernel_params(a);
-    p.sm90 = use_sm90(a.device.index);
-    p.tma = p.sm90 && use_tma();
-    p.smem_limit = smem_limit(a.device.index);
+    set_device_facts(p, a.device.index);
     (a.dtype == DType::f16 ? v.fwd_f16 : v.fwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
 
@@ -207,9 +213,7 @@ void attention_bwd(const AttentionParams& a) {
     const DeviceScope scope(a.device.index);
     const Variant& v = *find_variant(a.D);
     KernelParams p = make_kernel_params(a);
-    p.sm90 = use_sm90(a.device.index);
-    p.tma = p.sm90 && use_tma();
-    p.smem_limit = smem_limit(a.device.index);
+    set_device_facts(p, a.device.index);
     // The sums only where the workspace was sized for them (a switch flipped since the size was
     // asked for leaves the two-kernel backward).
     if (fused_bwd(a) && a.workspace_bytes >= bwd_workspace_size(a))

@@ -60,6 +60,7 @@ struct KernelParams {
     // Dynamic shared memory a block may opt in to on the device (backend.cu): the mma.sync
     // kernels take smaller blocks where their usual ones do not fit (variants.cuh).
     size_t smem_limit;
+    int sms;  // the device's multiprocessors (the fused backward's grid order reads it)
 };
 
 // Where sequence b lives and how long it is. Varlen lengths are clamped to the declared
