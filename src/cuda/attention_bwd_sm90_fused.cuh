@@ -37,7 +37,7 @@ template <int kD_, int kWG_, int kMinBlocks_ = 1, int kStages_ = 2>
 struct FusedBwdConfig : WsBwdConfig<kD_, kWG_, kMinBlocks_, kStages_> {
     using Base = WsBwdConfig<kD_, kWG_, kMinBlocks_, kStages_>;
     static_assert(fused_bwd_head_dim(kD_));
-    static constexpr int kDqCols = kD_ / kWG_;  // dQ columns a group multiplies (wgmma N: 32, 64, 128)
+    static constexpr int kDqCols = kD_ / kWG_;  // dQ columns a group multiplies (wgmma N: 64 or 128)
     using DsTile = SwizzledTile<Base::kBlock, Base::kStep>;  // dS^T: the block's keys x the step's queries
     static constexpr int kDqPartBytes = Base::kStep * kDqCols * 4;
     // The dK/dV kernel's memory, then (1024-aligned) two stages of dS^T and a dQ part per group.
@@ -214,13 +214,13 @@ bool launch_bwd_fused(const KernelParams& p, cudaStream_t stream) {
     return true;
 }
 
-// The fused kernel where it applies (two compute groups and 128 keys a block at head dim 128;
-// one group, 64 keys, two blocks an SM at 64: +8% at 1k tokens, within 1% from 16k, on the
-// H200); else the
-// warp-specialised two-kernel backward (p.tma, no varlen, tensors TMA can describe), in the shapes
-// that measured fastest on the H200 (bf16, same run; docs/PERFORMANCE.md): one compute group a
-// block and two blocks an SM up to kD = 96, two groups and one block at 128 (against BwdShapes'
-// kernels: +10 to +20% at 64, +50% at 80 and 96, +4 to +23% at 128); else the cp.async ones.
+// The fused kernel where it applies: two compute groups and 128 keys a block at head dim 128; one
+// group, 64 keys, two blocks an SM at 64 (against two groups: +8% at 1k tokens, within 1% from
+// 16k on the H200). Else the warp-specialised two-kernel backward (p.tma, no varlen, tensors TMA
+// can describe), in the shapes that measured fastest on the H200 (bf16, same run;
+// docs/PERFORMANCE.md): one compute group a block and two blocks an SM up to kD = 96, two groups
+// and one block at 128 (against BwdShapes' kernels: +10 to +20% at 64, +50% at 80 and 96, +4 to
+// +23% at 128). Else the cp.async ones.
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream) {
     if constexpr (fused_bwd_head_dim(kD))

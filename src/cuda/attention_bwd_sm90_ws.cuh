@@ -64,16 +64,16 @@ struct DkdvLayout {
 // The steps of the dK/dV block of keys [n0, n0 + kBlock) of kv head hk: each (query head of its
 // group, query block of kStep) pair in which some query sees one of the keys.
 struct DkdvSteps {
-    int hk, group, m_first, m_count, kBM;
-    __device__ __forceinline__ DkdvSteps(const KernelParams& p, const Seq& s, int hk_, int64_t n0, int kBN, int kBM_)
-        : hk(hk_), group(p.Hq / p.Hkv), kBM(kBM_) {
-        const Span qs = queries_seeing(n0, min(n0 + kBN, s.sk), s.diag, p.window_left, p.window_right, s.sq);
-        m_first = int(qs.lo / kBM);
-        m_count = qs.hi > qs.lo ? int((qs.hi + kBM - 1) / kBM) - m_first : 0;
+    int hk, group, m_first, m_count, bm;
+    __device__ __forceinline__ DkdvSteps(const KernelParams& p, const Seq& s, int hk_, int64_t n0, int bn, int bm_)
+        : hk(hk_), group(p.Hq / p.Hkv), bm(bm_) {
+        const Span qs = queries_seeing(n0, min(n0 + bn, s.sk), s.diag, p.window_left, p.window_right, s.sq);
+        m_first = int(qs.lo / bm);
+        m_count = qs.hi > qs.lo ? int((qs.hi + bm - 1) / bm) - m_first : 0;
     }
     __device__ __forceinline__ int count() const { return group * m_count; }
     __device__ __forceinline__ int head(int i) const { return hk * group + i / m_count; }
-    __device__ __forceinline__ int64_t m0(int i) const { return int64_t(m_first + i % m_count) * kBM; }
+    __device__ __forceinline__ int64_t m0(int i) const { return int64_t(m_first + i % m_count) * bm; }
 };
 
 // The dK/dV producer: one thread loads the block's K and V, then each step's Q, dO, lse2 and

@@ -100,13 +100,10 @@ __device__ __forceinline__ uint64_t k_major(uint32_t tile, int row0, int kk) {
 
 // The tile's 64-column stacks as an MN-major operand (rows = K, columns = M or N): k-step kk
 // (rows 16kk..16kk+15). Groups of 8 rows are 1024 bytes apart, groups of 64 columns one stack.
-// From column col0 on (a multiple of 32): a 32-column operand may start in the middle of a stack,
-// as K-major operands start their k-steps inside one (the swizzle is a function of the address
-// bits, so the offset carries over).
+// From column col0 on (a multiple of 64: the stack col0 / 64).
 template <class Tile>
 __device__ __forceinline__ uint64_t mn_major(uint32_t tile, int kk, int col0 = 0) {
-    return descriptor(tile + (col0 / 64) * Tile::kStackBytes + (col0 % 64) * 2 + kk * 16 * 128, Tile::kStackBytes,
-                      1024, 128);
+    return descriptor(tile + col0 / 64 * Tile::kStackBytes + kk * 16 * 128, Tile::kStackBytes, 1024, 128);
 }
 // ... and its 32-column stack: 8-row groups 512 bytes apart, one group of columns.
 template <class Tile>
@@ -189,13 +186,11 @@ template <class T, int kN, bool kTransB, bool kTransA = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b,
                                          bool accumulate) {
     constexpr bool kHalf = std::is_same_v<T, __half>;
-    if constexpr (kN == 32 && kHalf) ORCHARD_WGMMA_SS(32, "f16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20);
-    else if constexpr (kN == 32) ORCHARD_WGMMA_SS(32, "bf16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20);
-    else if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_SS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36);
+    if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_SS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36);
     else if constexpr (kN == 64) ORCHARD_WGMMA_SS(64, "bf16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36);
     else if constexpr (kN == 128 && kHalf) ORCHARD_WGMMA_SS(128, "f16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68);
     else if constexpr (kN == 128) ORCHARD_WGMMA_SS(128, "bf16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68);
-    else static_assert(kN == 32 || kN == 64 || kN == 128, "wgmma_ss: N = 32, 64 or 128");
+    else static_assert(kN == 64 || kN == 128, "wgmma_ss: N = 64 or 128");
 }
 
 template <class T, int kN, bool kTransB>
