@@ -1,6 +1,7 @@
 // The warp-specialised Hopper backward (sm_90a), for padded (not varlen) batches whose tensors
 // the copy engine can describe (launch_bwd_ws says false otherwise, and the kernels of
-// attention_bwd_sm90.cuh run; run_bwd() picks). Same two kernels and the same steps (dkdv_step,
+// attention_bwd_sm90.cuh run; run_bwd() in attention_bwd_sm90_fused.cuh picks, and takes the
+// fused kernel before these where it applies). Same two kernels and the same steps (dkdv_step,
 // dq_step) as those; what changes is how tiles arrive. Warpgroup 0 is the producer: one of its
 // threads loads the block's own tiles once and every step's tiles into a ring of kStages stages
 // by TMA (and a dK/dV step's lse and delta by a bulk copy), and the group gives most of its
