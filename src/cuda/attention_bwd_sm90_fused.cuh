@@ -184,8 +184,8 @@ __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const Ker
 // describe); false, having launched nothing, where they do not.
 template <class T, class Cfg>
 bool launch_bwd_fused(const KernelParams& p, cudaStream_t stream) {
-    if (p.dq_accum == nullptr || p.dq == nullptr || !(p.dk || p.dv) || !ws_bwd_applies(p) ||
-        (p.Sk + Cfg::kBlock - 1) / Cfg::kBlock * p.Hkv * p.B > INT32_MAX)  // a one-dimensional grid
+    const int64_t units = (p.Sk + Cfg::kBlock - 1) / Cfg::kBlock * p.Hkv * p.B;  // a one-dimensional grid
+    if (p.dq_accum == nullptr || p.dq == nullptr || !(p.dk || p.dv) || !ws_bwd_applies(p) || units > INT32_MAX)
         return false;
     BwdMaps maps{};
     if (!make_dkdv_maps<Cfg>(maps, p)) return false;
@@ -198,7 +198,6 @@ bool launch_bwd_fused(const KernelParams& p, cudaStream_t stream) {
     // blocks: StarCoder2-3B at 4k (256 blocks, two waves) 383 against 290 TFLOP/s on the H200.
     // Where it is many, a head's blocks run together and share their Q and dO reads in L2:
     // longest-first ran 10-32% slower there (head dims 64 and 128, causal, 1k-4k).
-    const int64_t units = (p.Sk + Cfg::kBlock - 1) / Cfg::kBlock * p.Hkv * p.B;
     const bool longest_first = p.window_right < kUnbounded && units <= 4 * int64_t(p.sms) * Cfg::kMinBlocks;
     if (units > 0) {  // without keys dQ is the zeros the conversion writes
         auto kernel = attention_bwd_fused_kernel<T, Cfg>;

@@ -192,21 +192,25 @@ void attention_fwd(const AttentionParams& a) {
 
 // Whether the backward may take the fused Hopper kernel (attention_bwd_sm90_fused.cuh), whose
 // fp32 dQ sums take workspace: not when asked to be deterministic (its additions' order varies),
-// not for varlen batches, at the head dims it has, where the warp-specialised kernels run, and
-// unless ORCHARD_CUDA_FUSED_BWD is "0" (the switch that lets tests and benchmarks run the
-// two-kernel backward without asking for determinism).
-bool fused_bwd(const AttentionParams& a) {
+// not for varlen batches, at the head dims it has, where the warp-specialised kernels run (`tma`:
+// KernelParams::tma), and unless ORCHARD_CUDA_FUSED_BWD is "0" (the switch that lets tests and
+// benchmarks run the two-kernel backward without asking for determinism).
+bool fused_bwd(const AttentionParams& a, bool tma) {
     const char* env = std::getenv("ORCHARD_CUDA_FUSED_BWD");
-    return !a.deterministic && a.cu_seqlens_q == nullptr && fused_bwd_head_dim(find_variant(a.D)->hd) &&
-           (env == nullptr || std::string(env) != "0") && use_sm90(a.device.index) && use_tma();
+    return tma && !a.deterministic && a.cu_seqlens_q == nullptr && fused_bwd_head_dim(find_variant(a.D)->hd) &&
+           (env == nullptr || std::string(env) != "0");
 }
 
 // delta and lse2, float32 (B, Hq, Sq rounded up to 64) each (KernelParams::delta); then, where
 // the fused backward may run, its dQ sums: float32 (B, Hq, Sq rounded up to 64, head dim of the
 // kernels).
-size_t bwd_workspace_size(const AttentionParams& p) {
+size_t workspace_bytes(const AttentionParams& p, bool fused) {
     const int64_t rows = p.B * p.Hq * workspace_pitch(p.Sq);
-    return size_t(2 * rows + (fused_bwd(p) ? rows * find_variant(p.D)->hd : 0)) * sizeof(float);
+    return size_t(2 * rows + (fused ? rows * find_variant(p.D)->hd : 0)) * sizeof(float);
+}
+
+size_t bwd_workspace_size(const AttentionParams& p) {
+    return workspace_bytes(p, fused_bwd(p, use_sm90(p.device.index) && use_tma()));
 }
 
 void attention_bwd(const AttentionParams& a) {
@@ -216,7 +220,7 @@ void attention_bwd(const AttentionParams& a) {
     set_device_facts(p, a.device.index);
     // The sums only where the workspace was sized for them (a switch flipped since the size was
     // asked for leaves the two-kernel backward).
-    if (fused_bwd(a) && a.workspace_bytes >= bwd_workspace_size(a))
+    if (fused_bwd(a, p.tma) && a.workspace_bytes >= workspace_bytes(a, true))
         p.dq_accum = p.lse2 + a.B * a.Hq * p.ws_pitch;
     (a.dtype == DType::f16 ? v.bwd_f16 : v.bwd_bf16)(p, static_cast<cudaStream_t>(a.stream));
 }
