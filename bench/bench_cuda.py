@@ -130,6 +130,10 @@ def cases(quick: bool) -> list[dict]:
             for S in seqlens:
                 out.append({"name": f"fa_d{D}{'_causal' if causal else ''}", "B": 16384 // S, "S": S,
                             "Hq": 2048 // D, "Hkv": 2048 // D, "D": D, "causal": causal})
+    for causal in (False, True):  # FlashAttention 3's third head dim (Gemma's), fewer lengths
+        for S in ([1024, 4096, 16384] if not quick else [4096]):
+            out.append({"name": f"fa_d256{'_causal' if causal else ''}", "B": 16384 // S, "S": S,
+                        "Hq": 8, "Hkv": 8, "D": 256, "causal": causal})
     for S in ([4096, 8192, 16384] if not quick else [8192]):
         out.append({"name": "starcoder2_3b", "B": max(1, 16384 // S), "S": S, "Hq": 24, "Hkv": 2,
                     "D": 128, "causal": True, "window": 4096})

@@ -38,9 +38,9 @@ for what in "${@:-all}"; do
             step py_cuda python3 -m pytest -q -x tests/python/test_cuda.py -p no:cacheprovider ;;&
         sanitize | all)
             step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$tests" \
-                --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*varlen_float16*:Cuda/*hdim128_mqa*bfloat16*:CudaWide/*varlen_d64_float16*:Cuda/*hdim80_bfloat16*:CudaWide/*dropout_causal_gqa_d80_float16*:CudaWide/*dropout_causal_gqa_d64_bfloat16*:CudaWide/*window_causal_d192_float16*'
+                --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*varlen_float16*:Cuda/*hdim128_mqa*bfloat16*:CudaWide/*varlen_d64_float16*:Cuda/*hdim80_bfloat16*:CudaWide/*dropout_causal_gqa_d80_float16*:CudaWide/*dropout_causal_gqa_d64_bfloat16*:CudaWide/*window_causal_d192_float16*:CudaWide/*dropout_causal_gqa_d224_bfloat16*'
             step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 "$tests" \
-                --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*hdim96_float16*:Cuda/*hdim128_mqa*bfloat16*:CudaWide/*varlen_d64_float16*:Cuda/*hdim80_bfloat16*:CudaWide/*dropout_causal_gqa_d80_float16*:CudaWide/*dropout_causal_gqa_d64_bfloat16*:CudaWide/*window_causal_d192_float16*' ;;&
+                --gtest_filter='Cuda/*all_features_bfloat16*:Cuda/*hdim96_float16*:Cuda/*hdim128_mqa*bfloat16*:CudaWide/*varlen_d64_float16*:Cuda/*hdim80_bfloat16*:CudaWide/*dropout_causal_gqa_d80_float16*:CudaWide/*dropout_causal_gqa_d64_bfloat16*:CudaWide/*window_causal_d192_float16*:CudaWide/*dropout_causal_gqa_d224_bfloat16*' ;;&
         cpu | all)  # the CPU kernels on this host's CPU (AMX where it has it), C++ and Python
             step cpu_cases "$tests" --gtest_brief=1 \
                 --gtest_filter='Cases*:Float64*:Determinism*:Backward*:SimdDispatch*:GemmBf16*:PositionOffsets*'

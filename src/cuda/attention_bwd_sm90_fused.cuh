@@ -49,20 +49,6 @@ __device__ __forceinline__ int64_t dq_accum_tile(const KernelParams& p, int b, i
     return ((int64_t(b) * p.Hq + h) * (p.ws_pitch / 64) + m0 / 64) * 64 * kD;
 }
 
-// Writes a warp's dS^T fragments (its 16 keys kr.. x the step's queries, as dkdv_step's A
-// fragments) into the swizzled tile: 32-bit stores, a warp's 32 on distinct banks.
-template <class Tile, int kSteps>
-__device__ __forceinline__ void store_ds_t(uint32_t tile, int kr, const uint32_t (&a)[kSteps][4]) {
-    const int lane = threadIdx.x % 32, r = kr + lane / 4, c = lane % 4 * 2;
-#pragma unroll
-    for (int ks = 0; ks < kSteps; ++ks)
-#pragma unroll
-        for (int f = 0; f < 4; ++f) {  // fragment f: rows +8 when odd, columns +8 from the third
-            const uint32_t at = tile + Tile::offset(r + f % 2 * 8, 16 * ks + f / 2 * 8) + c * 2;
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(a[ks][f]) : "memory");
-        }
-}
-
 // dkdv_step's use of dS^T in the fused kernel: store() writes the warp's rows into stage tDs;
 // after_dk(), while dK is multiplied, waits for every group's rows (and, in thread t == 0, for
 // the last reduction to have read sdQ) and starts the group's dQ product into acc_dq.
@@ -76,7 +62,7 @@ struct DqFromDs {
     float (&acc_dq)[kNq / 2];
 
     __device__ __forceinline__ void store(const uint32_t (&ads)[Cfg::kStep / 16][4]) const {
-        store_ds_t<DsTile>(tDs, kr, ads);
+        store_a_tile<DsTile>(tDs, kr, 0, ads);
         fence_async_smem();  // before the dQ products read them
     }
     __device__ __forceinline__ void after_dk() const {

@@ -15,12 +15,15 @@
 
 namespace orchard::cuda::sm90 {
 
-// kWG compute warpgroups a block, kMinBlocks blocks an SM, kStages ring stages.
-template <int kD_, int kWG_, int kMinBlocks_, int kStages_ = 2>
+// kWG compute warpgroups a block, kMinBlocks blocks an SM, kStages ring stages, kStep queries
+// (dK/dV) or keys (dQ) a step. Up to kD = 128 for both kernels (dK and dV accumulators: kD
+// registers a thread); past it for the dQ kernel only (attention_bwd_sm90_wide.cuh), whose dQ
+// accumulator takes kD / 2 registers, with 32-key steps to keep S and dP at 16 each.
+template <int kD_, int kWG_, int kMinBlocks_, int kStages_ = 2, int kStep_ = 64>
 struct WsBwdConfig {
     static constexpr int kD = kD_, kWG = kWG_, kMinBlocks = kMinBlocks_, kStages = kStages_;
-    static constexpr int kBlock = 64 * kWG, kStep = 64, kThreads = 128 * (kWG + 1);
-    static_assert(kD == 64 || kD == 80 || kD == 96 || kD == 128);
+    static constexpr int kBlock = 64 * kWG, kStep = kStep_, kThreads = 128 * (kWG + 1);
+    static_assert(kD == 64 || kD == 80 || kD == 96 || kD == 128 || (kD % 32 == 0 && kD <= 256 && kStep == 32));
     static constexpr int kComputeRegs = compute_regs(kWG, kMinBlocks);
     using BlockTile = SwizzledTile<kBlock, kD>;  // the block's K, V (dK/dV) or Q, dO (dQ)
     using StepTile = SwizzledTile<kStep, kD>;    // a step's Q, dO (dK/dV) or K, V (dQ)
@@ -212,10 +215,14 @@ inline bool ws_bwd_applies(const KernelParams& p) {
     return p.cu_q == nullptr && reinterpret_cast<uintptr_t>(p.delta) % 16 == 0;
 }
 
-// Launches the delta preprocess and the warp-specialised kernels where they apply (see above);
-// false, having launched nothing, where they do not.
+// The dK/dV kernels' type (this file's, and attention_bwd_sm90_wide.cuh's past head dim 128).
+using DkdvWsKernel = void (*)(const KernelParams, const BwdMaps);
+
+// Launches the delta preprocess and the warp-specialised kernels (dkdv_kernel, of DkvCfg's
+// shape) where they apply (see above); false, having launched nothing, where they do not.
 template <class T, class DkvCfg, class DqCfg>
-bool launch_bwd_ws(const KernelParams& p, cudaStream_t stream) {
+bool launch_bwd_ws(const KernelParams& p, cudaStream_t stream,
+                   DkdvWsKernel dkdv_kernel = attention_bwd_dkdv_ws_kernel<T, DkvCfg>) {
     if (!ws_bwd_applies(p)) return false;
     using QBlock = typename DqCfg::BlockTile;
     using KStep = typename DqCfg::StepTile;
@@ -231,9 +238,8 @@ bool launch_bwd_ws(const KernelParams& p, cudaStream_t stream) {
     launch_bwd_delta<T>(p, stream);
     const dim3 dkdv_grid(unsigned((p.Sk + DkvCfg::kBlock - 1) / DkvCfg::kBlock), unsigned(p.Hkv), unsigned(p.B));
     if (want_dkdv && !empty_grid(dkdv_grid)) {
-        auto kernel = attention_bwd_dkdv_ws_kernel<T, DkvCfg>;
-        set_smem(kernel, DkvCfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV, warp-specialised)");
-        kernel<<<dkdv_grid, DkvCfg::kThreads, DkvCfg::kDkvSmem, stream>>>(p, dkdv);
+        set_smem(dkdv_kernel, DkvCfg::kDkvSmem, "cudaFuncSetAttribute (dK/dV, warp-specialised)");
+        dkdv_kernel<<<dkdv_grid, DkvCfg::kThreads, DkvCfg::kDkvSmem, stream>>>(p, dkdv);
         check_cuda(cudaGetLastError(), "backward dK/dV kernel launch (warp-specialised)");
     }
     const dim3 dq_grid(unsigned((p.Sq + DqCfg::kBlock - 1) / DqCfg::kBlock), unsigned(p.Hq), unsigned(p.B));

@@ -17,6 +17,7 @@
 
 #include "cuda/attention_bwd.cuh"
 #include "cuda/attention_bwd_sm90_fused.cuh"
+#include "cuda/attention_bwd_sm90_wide.cuh"
 #include "cuda/attention_fwd.cuh"
 #include "cuda/attention_fwd_sm90_ws.cuh"
 #include "cuda/launch.h"
@@ -71,8 +72,11 @@ void run_fwd(const KernelParams& p, cudaStream_t stream) {
 
 template <class T, int kD>
 void run_bwd(const KernelParams& p, cudaStream_t stream) {
-    if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128)
+    if constexpr (kD == 64 || kD == 80 || kD == 96 || kD == 128) {
         if (p.sm90) return sm90::run_bwd<T, kD>(p, stream);
+    } else if constexpr (kD > 128) {
+        if (p.tma && sm90::launch_bwd_wide<T, kD>(p, stream)) return;
+    }
     launch_fitting<BwdConfigFor<kD>, BwdSmallConfigFor<kD>>(
         p, "backward", [&](auto cfg) { launch_bwd<T, decltype(cfg)>(p, stream); });
 }

@@ -32,7 +32,7 @@ namespace orchard::cuda::sm90 {
 template <int kRows_, int kD_>
 struct SwizzledTile {
     static constexpr int kRows = kRows_, kD = kD_;
-    static_assert(kD % 16 == 0 && kRows % 64 == 0);
+    static_assert(kD % 16 == 0 && kRows % 32 == 0);
     static constexpr int kFull = kD / 64 * 64;       // columns in 128-byte-row stacks
     static constexpr bool kHalf = kD % 64 >= 32;     // a 32-column stack (columns kFull..)
     static constexpr bool kQuarter = kD % 32 != 0;   // a 16-column stack (the last 16 columns)
@@ -185,11 +185,20 @@ template <class T, int kN, bool kTransB, bool kTransA = false>
 __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b,
                                          bool accumulate) {
     constexpr bool kHalf = std::is_same_v<T, __half>;
-    if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_SS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36);
+    if constexpr (kN == 16 && kHalf) ORCHARD_WGMMA_SS(16, "f16", ORCHARD_WG_R8, ORCHARD_WG_D8(0), 8, 9, 10, 11, 12);
+    else if constexpr (kN == 16) ORCHARD_WGMMA_SS(16, "bf16", ORCHARD_WG_R8, ORCHARD_WG_D8(0), 8, 9, 10, 11, 12);
+    else if constexpr (kN == 32 && kHalf) ORCHARD_WGMMA_SS(32, "f16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20);
+    else if constexpr (kN == 32) ORCHARD_WGMMA_SS(32, "bf16", ORCHARD_WG_R16, ORCHARD_WG_D16, 16, 17, 18, 19, 20);
+    else if constexpr (kN == 64 && kHalf) ORCHARD_WGMMA_SS(64, "f16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36);
     else if constexpr (kN == 64) ORCHARD_WGMMA_SS(64, "bf16", ORCHARD_WG_R32, ORCHARD_WG_D32(0), 32, 33, 34, 35, 36);
     else if constexpr (kN == 128 && kHalf) ORCHARD_WGMMA_SS(128, "f16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68);
     else if constexpr (kN == 128) ORCHARD_WGMMA_SS(128, "bf16", ORCHARD_WG_R64, ORCHARD_WG_D64, 64, 65, 66, 67, 68);
-    else static_assert(kN == 64 || kN == 128, "wgmma_ss: N = 64 or 128");
+    else if constexpr (kN == 192 && kHalf) ORCHARD_WGMMA_SS(192, "f16", ORCHARD_WG_R96, ORCHARD_WG_D96, 96, 97, 98, 99, 100);
+    else if constexpr (kN == 192) ORCHARD_WGMMA_SS(192, "bf16", ORCHARD_WG_R96, ORCHARD_WG_D96, 96, 97, 98, 99, 100);
+    else if constexpr (kN == 256 && kHalf) ORCHARD_WGMMA_SS(256, "f16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132);
+    else if constexpr (kN == 256) ORCHARD_WGMMA_SS(256, "bf16", ORCHARD_WG_R128, ORCHARD_WG_D128, 128, 129, 130, 131, 132);
+    else static_assert(kN == 16 || kN == 32 || kN == 64 || kN == 128 || kN == 192 || kN == 256,
+                       "wgmma_ss: N = 16, 32, 64, 128, 192 or 256");
 }
 
 template <class T, int kN, bool kTransB>
@@ -224,6 +233,36 @@ __device__ __forceinline__ void wgmma_rs_tile(float (&d)[Tile::kD / 2], const ui
     if constexpr (Tile::kQuarter)
         wgmma_rs<T, 16, true>(reinterpret_cast<float(&)[8]>(d[Tile::kD / 2 - 8]), a,
                               mn_major_quarter<Tile>(tile, kk), true);
+}
+
+// D (kD / 2 floats) (+)= A B as wgmma_rs_tile, with A in shared memory (desc_a: its k-step kk).
+template <class T, class Tile>
+__device__ __forceinline__ void wgmma_ss_tile(float (&d)[Tile::kD / 2], uint64_t desc_a, uint32_t tile, int kk,
+                                              bool accumulate) {
+    if constexpr (Tile::kFull > 0)
+        wgmma_ss<T, Tile::kFull, true>(reinterpret_cast<float(&)[Tile::kFull / 2]>(d), desc_a,
+                                       mn_major<Tile>(tile, kk), accumulate);
+    if constexpr (Tile::kHalf)
+        wgmma_ss<T, 32, true>(reinterpret_cast<float(&)[16]>(d[Tile::kFull / 2]), desc_a,
+                              mn_major_half<Tile>(tile, kk), accumulate);
+    if constexpr (Tile::kQuarter)
+        wgmma_ss<T, 16, true>(reinterpret_cast<float(&)[8]>(d[Tile::kD / 2 - 8]), desc_a,
+                              mn_major_quarter<Tile>(tile, kk), accumulate);
+}
+
+// Writes a warp's A fragments of a 16-row strip (rows row0.., columns col0 + 16 ks.., the
+// mma.m16n8k16 A layout that c_to_a gives) into a swizzled tile, where a later wgmma reads them
+// as its A operand: 32-bit stores, a warp's 32 on distinct banks.
+template <class Tile, int kSteps>
+__device__ __forceinline__ void store_a_tile(uint32_t tile, int row0, int col0, const uint32_t (&a)[kSteps][4]) {
+    const int lane = threadIdx.x % 32, r = row0 + lane / 4, c = lane % 4 * 2;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {  // fragment f: rows +8 when odd, columns +8 from the third
+            const uint32_t at = tile + Tile::offset(r + f % 2 * 8, col0 + 16 * ks + f / 2 * 8) + c * 2;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(a[ks][f]) : "memory");
+        }
 }
 
 #undef ORCHARD_WGMMA_RS

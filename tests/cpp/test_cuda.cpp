@@ -213,9 +213,11 @@ std::vector<Param> widened(std::initializer_list<int64_t> dims) {
 }
 
 // Head dims of the Hopper (wgmma) kernels, so that every feature of the list runs through them
-// (160, 192, 224: the forward's output products of N = 128 + 32, 192, 192 + 32; their backward
-// runs the mma.sync kernels; they are tested where built, refused with a reason elsewhere).
-INSTANTIATE_TEST_SUITE_P(CudaWide, CudaVsReference, ::testing::ValuesIn(widened({64, 80, 128, 160, 192, 224})),
+// (160, 192, 224, 256: the forward's output products of N = 128 + 32, 192, 192 + 32, 256, and the
+// wide backward, attention_bwd_sm90_wide.cuh, with its 64-column stacks and 32-column ones; they
+// are tested where built, refused with a reason elsewhere).
+INSTANTIATE_TEST_SUITE_P(CudaWide, CudaVsReference,
+                         ::testing::ValuesIn(widened({64, 80, 128, 160, 192, 224, 256})),
                          [](const auto& info) { return case_name(info.param.c, info.param.dt); });
 
 // The mma.sync kernels under the shared memory of a consumer GPU (99 KiB: RTX 30x0 / 40x0 /
