@@ -4,10 +4,15 @@ tools/gpu_ab.sh runs it for each build in turn, several rounds, and compares eac
 round. Checksums of the outputs (out, lse, and dq, dk with --bwd) let the summary say whether the
 builds computed the same numbers. bf16, DESIGN.md's FLOP formula.
 
-    PYTHONPATH=SITE python bench/ab_cuda.py NAME [--flash] [--bwd] [--cases B:S:H:D[:c[:wW]],...]
+    PYTHONPATH=SITE python bench/ab_cuda.py NAME [--flash] [--bwd [--grads q|kv]] [--varlen]
+        [--cases B:S:H:D[:c[:wW]],...]
 
 H is a head count or Hq/Hkv (GQA); wW a left window of W keys (causal cases). SDPA's flash
-backend runs only where Hq == Hkv and there is no window.
+backend runs only where Hq == Hkv and there is no window. --grads q (kv) asks the backward for dQ
+(dK and dV) alone, which times one of the unfused backward's two kernels (plus the preprocess);
+its "bwd" is then FLOPs of the whole backward over that time, comparable only with itself.
+--varlen packs each case's batch as one varlen batch of B sequences of S / 2 and 3 S / 2 tokens
+in turn (B even: B x S tokens), FLOPs counted per sequence; SDPA has no peer for it.
 """
 
 import argparse
@@ -43,24 +48,34 @@ def parse_case(text: str):
     return key, B, S, Hq, Hkv, D, causal, window
 
 
-def measure(B, S, Hq, Hkv, D, causal, window, bwd: bool, flash: bool) -> dict:
+def measure(B, S, Hq, Hkv, D, causal, window, bwd: bool, flash: bool, grads: str = "qkv",
+            varlen: bool = False) -> dict:
     torch.manual_seed(0)
-    q = torch.randn(B, S, Hq, D, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    shape = (1, B * S) if varlen else (B, S)
+    q = torch.randn(*shape, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(*shape, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     dout = torch.randn_like(q)
-    flops = 4 * B * Hq * D * visible_pairs(S, causal, window)
-    flash = flash and Hq == Hkv and window < 0
-    # The op's options: no varlen, no dropout, default scale, causal as a right window of 0.
-    opts = (None, None, 0, 0, 0.0, None, causal, window, 0 if causal else -1, 0.0, None,
+    lens = [S // 2 if i % 2 == 0 else S + S // 2 for i in range(B)] if varlen else [S] * B
+    flops = 4 * Hq * D * sum(visible_pairs(n, causal, window) for n in lens)
+    flash = flash and Hq == Hkv and window < 0 and not varlen
+    cu, longest = None, 0
+    if varlen:  # (total, H, D) tensors and their sequences' offsets
+        q, k, v, dout = (x[0] for x in (q, k, v, dout))
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        longest = max(lens)
+    # The op's options: no dropout, default scale, causal as a right window of 0.
+    opts = (cu, cu, longest, longest, 0.0, None, causal, window, 0 if causal else -1, 0.0, None,
             torch.zeros(2, dtype=torch.int64), False)
     out, lse = _ops.ops.fwd(q, k, v, *opts, "bench")
     res = {"fwd": flops / cuda_time(lambda: _ops.ops.fwd(q, k, v, *opts, "bench")) / 1e12,
            "out_sum": float(out.float().abs().sum()), "lse_sum": float(lse.sum())}
     if bwd:
-        args = (dout, q, k, v, out, lse, *opts, True, True, True, "bench")
+        args = (dout, q, k, v, out, lse, *opts, "q" in grads, "kv" in grads, "kv" in grads, "bench")
         dq, dk, _ = _ops.ops.bwd(*args)
         res["bwd"] = 2.5 * flops / cuda_time(lambda: _ops.ops.bwd(*args)) / 1e12
-        res["dq_sum"], res["dk_sum"] = float(dq.float().abs().sum()), float(dk.float().abs().sum())
+        for name, g in (("dq_sum", dq), ("dk_sum", dk)):
+            if g is not None:
+                res[name] = float(g.float().abs().sum())
     if flash:
         qt, kt, vt = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -79,13 +94,16 @@ def main() -> None:
     ap.add_argument("name", help="the build's name in the JSON line")
     ap.add_argument("--flash", action="store_true", help="also time SDPA's flash backend")
     ap.add_argument("--bwd", action="store_true", help="also time the backward")
+    ap.add_argument("--grads", choices=("qkv", "q", "kv"), default="qkv",
+                    help="the gradients the backward computes (q or kv: one kernel of two)")
+    ap.add_argument("--varlen", action="store_true", help="each case as one varlen batch (see above)")
     ap.add_argument("--cases", default=DEFAULT_CASES,
                     help="B:S:H:D[:c[:wW]],... (c = causal, H = Hq or Hq/Hkv, wW = left window W)")
     a = ap.parse_args()
     row = {"build": a.name}
     for text in a.cases.split(","):
         key, *case = parse_case(text)
-        row[key] = measure(*case, a.bwd, a.flash)
+        row[key] = measure(*case, a.bwd, a.flash, a.grads, a.varlen)
     print(json.dumps(row), flush=True)
 
 

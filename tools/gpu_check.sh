@@ -31,7 +31,7 @@ for what in "${@:-all}"; do
         tests | all)
             nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv >> "$log"
             step cpp_cuda "$tests" --gtest_filter='Cuda*:CudaBackend*:Wgmma*:Tma*' --gtest_brief=1
-            # The cp.async wgmma kernels on every case (by default only varlen cases take them),
+            # The cp.async wgmma kernels on every case (by default only layouts TMA refuses take them),
             # and the mma.sync kernels (on Hopper the default is the wgmma ones).
             step cpp_cuda_cpasync env ORCHARD_CUDA_TMA=0 "$tests" --gtest_filter='Cuda/*:CudaWide/*' --gtest_brief=1
             step cpp_cuda_mma env ORCHARD_CUDA_WGMMA=0 "$tests" --gtest_filter='Cuda/*:CudaWide/*' --gtest_brief=1

@@ -6,7 +6,7 @@
 // kernel scales the sums and writes dQ. Five products a step where the two kernels of the
 // unfused backward do seven (their dQ kernel recomputes S and dP). The order of the additions
 // varies from run to run, so `deterministic` keeps the two kernels (backend.cu then leaves
-// dq_accum null), as do varlen batches and head dims other than 64 and 128.
+// dq_accum null), as do head dims other than 64 and 128.
 //
 // A step of compute warpgroup w (keys 64w.. of the block):
 //   dkdv_step (S^T, dP^T, P, dV, dS, dK), also writing its rows of dS^T into sdS[i % 2] and,
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const DkdvSteps steps(p, s, hb % p.Hkv, n0, kBN, kBM);
 
     if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer
-        if (threadIdx.x == 0) produce_dkdv<Cfg>(p, maps, l, steps, b, int(n0));
+        if (threadIdx.x == 0) produce_dkdv<Cfg>(p, maps, l, steps, s, b, int(n0));
         return;
     }
 
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const Ker
     const int64_t m0 = int64_t(blockIdx.x) * 64;
     const Seq s = seq_of(p, b);
     const float* tile = p.dq_accum + dq_accum_tile(p, b, h, m0, kD);
-    T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + int64_t(h) * p.dq_st.h;
+    T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + s.first_q * p.dq_st.s + int64_t(h) * p.dq_st.h;
     for (int task = threadIdx.x; task < 32 * (kD / 8); task += blockDim.x) {
         const int col = task % (kD / 8) * 8, pair = task / (kD / 8), r = pair / 8 * 16 + pair % 8;
         if (col >= p.D) continue;
@@ -201,8 +201,8 @@ bool launch_bwd_fused(const KernelParams& p, cudaStream_t stream) {
 
 // The fused kernel where it applies: two compute groups and 128 keys a block at head dim 128; one
 // group, 64 keys, two blocks an SM at 64 (against two groups: +8% at 1k tokens, within 1% from
-// 16k on the H200). Else the warp-specialised two-kernel backward (p.tma, no varlen, tensors TMA
-// can describe), in the shapes that measured fastest on the H200 (bf16, same run;
+// 16k on the H200). Else the warp-specialised two-kernel backward (p.tma, tensors TMA can
+// describe), in the shapes that measured fastest on the H200 (bf16, same run;
 // docs/PERFORMANCE.md): one compute group a block and two blocks an SM up to kD = 96, two groups
 // and one block at 128 (against BwdShapes' kernels: +10 to +20% at 64, +50% at 80 and 96, +4 to
 // +23% at 128). Else the cp.async ones.

@@ -1,7 +1,7 @@
-// The warp-specialised Hopper backward (sm_90a), for padded (not varlen) batches whose tensors
-// the copy engine can describe (launch_bwd_ws says false otherwise, and the kernels of
-// attention_bwd_sm90.cuh run; run_bwd() in attention_bwd_sm90_fused.cuh picks, and takes the
-// fused kernel before these where it applies). Same two kernels and the same steps (dkdv_step,
+// The warp-specialised Hopper backward (sm_90a), for padded and varlen batches whose tensors the
+// copy engine can describe (tma.cuh: make_call_maps; launch_bwd_ws says false otherwise, and the
+// kernels of attention_bwd_sm90.cuh run; run_bwd() in attention_bwd_sm90_fused.cuh picks, and
+// takes the fused kernel before these where it applies). Same two kernels and the same steps (dkdv_step,
 // dq_step) as those; what changes is how tiles arrive. Warpgroup 0 is the producer: one of its
 // threads loads the block's own tiles once and every step's tiles into a ring of kStages stages
 // by TMA (and a dK/dV step's lse and delta by a bulk copy), and the group gives most of its
@@ -84,18 +84,19 @@ struct DkdvSteps {
 // delta into the ring.
 template <class Cfg>
 __device__ __forceinline__ void produce_dkdv(const KernelParams& p, const BwdMaps& maps, const DkdvLayout<Cfg>& l,
-                                             const DkdvSteps& steps, int b, int n0) {
+                                             const DkdvSteps& steps, const Seq& s, int b, int n0) {
     using KTile = typename Cfg::BlockTile;
     using QTile = typename Cfg::StepTile;
     constexpr int kBM = Cfg::kStep;
+    const int tb = tma_batch(p, b);
     mbarrier_arrive_expect_tx(l.kv_full, 2 * KTile::kBytes);
-    load_swizzled_tma<KTile>(l.sK, maps.block0, l.kv_full, steps.hk, n0, b);
-    load_swizzled_tma<KTile>(l.sV, maps.block1, l.kv_full, steps.hk, n0, b);
+    load_swizzled_tma<KTile>(l.sK, maps.block0, l.kv_full, steps.hk, int(s.first_k) + n0, tb);
+    load_swizzled_tma<KTile>(l.sV, maps.block1, l.kv_full, steps.hk, int(s.first_k) + n0, tb);
     for (int i = 0; i < steps.count(); ++i) {
         const int h = steps.head(i), m0 = int(steps.m0(i)), stage = i % Cfg::kStages;
         const uint32_t full = l.ring.acquire(i, 2 * QTile::kBytes + 2 * kBM * 4);
-        load_swizzled_tma<QTile>(l.q(i), maps.step0, full, h, m0, b);
-        load_swizzled_tma<QTile>(l.dout(i), maps.step1, full, h, m0, b);
+        load_swizzled_tma<QTile>(l.q(i), maps.step0, full, h, int(s.first_q) + m0, tb);
+        load_swizzled_tma<QTile>(l.dout(i), maps.step1, full, h, int(s.first_q) + m0, tb);
         const int64_t at = (int64_t(b) * p.Hq + h) * p.ws_pitch + m0;  // inside the padded rows
         bulk_load(l.sLse + stage * kBM * 4, p.lse2 + at, kBM * 4, full);
         bulk_load(l.sDelta + stage * kBM * 4, p.delta + at, kBM * 4, full);
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const DkdvSteps steps(p, s, blockIdx.y, n0, Cfg::kBlock, Cfg::kStep);
 
     if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer
-        if (threadIdx.x == 0) produce_dkdv<Cfg>(p, maps, l, steps, b, int(n0));
+        if (threadIdx.x == 0) produce_dkdv<Cfg>(p, maps, l, steps, s, b, int(n0));
         return;
     }
 
@@ -160,14 +161,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
     if (ws_block_start(qd_full, 128 * Cfg::kWG, ring)) {  // the producer
         if (threadIdx.x != 0) return;
+        const int tb = tma_batch(p, b);
         mbarrier_arrive_expect_tx(qd_full, 2 * QTile::kBytes);
-        load_swizzled_tma<QTile>(sQ, maps.block0, qd_full, h, int(m0), b);
-        load_swizzled_tma<QTile>(sdO, maps.block1, qd_full, h, int(m0), b);
+        load_swizzled_tma<QTile>(sQ, maps.block0, qd_full, h, int(s.first_q + m0), tb);
+        load_swizzled_tma<QTile>(sdO, maps.block1, qd_full, h, int(s.first_q + m0), tb);
         for (int i = 0; i < tiles; ++i) {
-            const int stage = i % kStages, n0 = (n_first + i) * kBK;
+            const int stage = i % kStages, n0 = int(s.first_k) + (n_first + i) * kBK;
             const uint32_t full = ring.acquire(i, 2 * KTile::kBytes);
-            load_swizzled_tma<KTile>(sK + stage * KTile::kBytes, maps.step0, full, hk, n0, b);
-            load_swizzled_tma<KTile>(sV + stage * KTile::kBytes, maps.step1, full, hk, n0, b);
+            load_swizzled_tma<KTile>(sK + stage * KTile::kBytes, maps.step0, full, hk, n0, tb);
+            load_swizzled_tma<KTile>(sV + stage * KTile::kBytes, maps.step1, full, hk, n0, tb);
         }
         return;
     }
@@ -202,18 +204,15 @@ template <class Cfg>
 bool make_dkdv_maps(BwdMaps& m, const KernelParams& p) {
     using KBlock = typename Cfg::BlockTile;
     using QStep = typename Cfg::StepTile;
-    return make_tile_maps<KBlock>(m.block0, p.k, p.B, p.Sk, p.Hkv, p.D, p.k_st.b, p.k_st.s, p.k_st.h) &&
-           make_tile_maps<KBlock>(m.block1, p.v, p.B, p.Sk, p.Hkv, p.D, p.v_st.b, p.v_st.s, p.v_st.h) &&
-           make_tile_maps<QStep>(m.step0, p.q, p.B, p.Sq, p.Hq, p.D, p.q_st.b, p.q_st.s, p.q_st.h) &&
-           make_tile_maps<QStep>(m.step1, p.dout, p.B, p.Sq, p.Hq, p.D, p.dout_st.b, p.dout_st.s, p.dout_st.h);
+    return make_call_maps<KBlock>(m.block0, p, p.k, p.k_st, false) &&
+           make_call_maps<KBlock>(m.block1, p, p.v, p.v_st, false) &&
+           make_call_maps<QStep>(m.step0, p, p.q, p.q_st, true) &&
+           make_call_maps<QStep>(m.step1, p, p.dout, p.dout_st, true);
 }
 
-// Whether the warp-specialised kernels can run: padded batches (a TMA box over a varlen tensor
-// would read the next sequence's rows) and lse2 / delta rows that the bulk copies can take
-// (16-byte aligned; ws_pitch is a multiple of 64).
-inline bool ws_bwd_applies(const KernelParams& p) {
-    return p.cu_q == nullptr && reinterpret_cast<uintptr_t>(p.delta) % 16 == 0;
-}
+// Whether the warp-specialised kernels can run: lse2 / delta rows that the bulk copies can take
+// (16-byte aligned; ws_pitch is a multiple of 64). The tensors' maps decide the rest.
+inline bool ws_bwd_applies(const KernelParams& p) { return reinterpret_cast<uintptr_t>(p.delta) % 16 == 0; }
 
 // The dK/dV kernels' type (this file's, and attention_bwd_sm90_wide.cuh's past head dim 128).
 using DkdvWsKernel = void (*)(const KernelParams, const BwdMaps);
@@ -230,10 +229,9 @@ bool launch_bwd_ws(const KernelParams& p, cudaStream_t stream,
     const bool want_dkdv = p.dk || p.dv, want_dq = p.dq != nullptr;
     if (want_dkdv && !make_dkdv_maps<DkvCfg>(dkdv, p)) return false;
     if (want_dq &&
-        !(make_tile_maps<QBlock>(dq.block0, p.q, p.B, p.Sq, p.Hq, p.D, p.q_st.b, p.q_st.s, p.q_st.h) &&
-          make_tile_maps<QBlock>(dq.block1, p.dout, p.B, p.Sq, p.Hq, p.D, p.dout_st.b, p.dout_st.s, p.dout_st.h) &&
-          make_tile_maps<KStep>(dq.step0, p.k, p.B, p.Sk, p.Hkv, p.D, p.k_st.b, p.k_st.s, p.k_st.h) &&
-          make_tile_maps<KStep>(dq.step1, p.v, p.B, p.Sk, p.Hkv, p.D, p.v_st.b, p.v_st.s, p.v_st.h)))
+        !(make_call_maps<QBlock>(dq.block0, p, p.q, p.q_st, true) &&
+          make_call_maps<QBlock>(dq.block1, p, p.dout, p.dout_st, true) &&
+          make_call_maps<KStep>(dq.step0, p, p.k, p.k_st, false) && make_call_maps<KStep>(dq.step1, p, p.v, p.v_st, false)))
         return false;
     launch_bwd_delta<T>(p, stream);
     const dim3 dkdv_grid(unsigned((p.Sk + DkvCfg::kBlock - 1) / DkvCfg::kBlock), unsigned(p.Hkv), unsigned(p.B));

@@ -1,7 +1,7 @@
-// The warp-specialised Hopper forward (sm_90a), FlashAttention 3's structure, for padded (not
-// varlen) batches whose tensors the copy engine can describe (launch_fwd_ws says false
-// otherwise, and attention_fwd_sm90_kernel runs). Tiles arrive by TMA (tma.cuh) instead of
-// cp.async; the products, the overlap of P V with the next softmax and the softmax itself are
+// The warp-specialised Hopper forward (sm_90a), FlashAttention 3's structure, for padded and
+// varlen batches whose tensors the copy engine can describe (tma.cuh: make_call_maps;
+// launch_fwd_ws says false otherwise, and attention_fwd_sm90_kernel runs). Tiles arrive by TMA
+// instead of cp.async; the products, the overlap of P V with the next softmax and the softmax itself are
 // attention_fwd_sm90_kernel's. run_fwd() picks between the two.
 #pragma once
 
@@ -64,11 +64,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     if (ws_block_start(q_full, 128 * Cfg::kWG, k_ring, v_ring)) {  // the producer
         if (threadIdx.x != 0) return;
         mbarrier_arrive_expect_tx(q_full, QTile::kBytes);
-        load_swizzled_tma<QTile>(sQ, maps.q, q_full, h, int(m0), b);
+        const int tb = tma_batch(p, b);
+        load_swizzled_tma<QTile>(sQ, maps.q, q_full, h, int(s.first_q + m0), tb);
         auto load = [&](const typename Cfg::KVRing& ring, uint32_t tiles_at, const TileMaps& map, int i) {
             const uint32_t full = ring.acquire(i, KVTile::kBytes);
             load_swizzled_tma<KVTile>(tiles_at + (i % kStages) * KVTile::kBytes, map, full, hk,
-                                      (n_first + i) * kBN, b);
+                                      int(s.first_k) + (n_first + i) * kBN, tb);
         };
         for (int i = 0; i <= tiles; ++i) {
             if (i < tiles) load(k_ring, sK, maps.k, i);
@@ -144,11 +145,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 // Launches the warp-specialised kernel where it applies (see above); false where it does not.
 template <class T, class Cfg>
 bool launch_fwd_ws(const KernelParams& p, cudaStream_t stream) {
-    if (p.cu_q != nullptr) return false;
     FwdMaps maps{};
-    if (!make_tile_maps<typename Cfg::QTile>(maps.q, p.q, p.B, p.Sq, p.Hq, p.D, p.q_st.b, p.q_st.s, p.q_st.h) ||
-        !make_tile_maps<typename Cfg::KVTile>(maps.k, p.k, p.B, p.Sk, p.Hkv, p.D, p.k_st.b, p.k_st.s, p.k_st.h) ||
-        !make_tile_maps<typename Cfg::KVTile>(maps.v, p.v, p.B, p.Sk, p.Hkv, p.D, p.v_st.b, p.v_st.s, p.v_st.h))
+    if (!make_call_maps<typename Cfg::QTile>(maps.q, p, p.q, p.q_st, true) ||
+        !make_call_maps<typename Cfg::KVTile>(maps.k, p, p.k, p.k_st, false) ||
+        !make_call_maps<typename Cfg::KVTile>(maps.v, p, p.v, p.v_st, false))
         return false;
     auto kernel = attention_fwd_ws_kernel<T, Cfg>;
     set_smem(kernel, Cfg::kSmemBytes, "cudaFuncSetAttribute (forward, warp-specialised)");
@@ -160,7 +160,7 @@ bool launch_fwd_ws(const KernelParams& p, cudaStream_t stream) {
 }
 
 // Which kernel and shape runs (measured on the H200, bf16, same-run A/Bs; docs/PERFORMANCE.md).
-// The warp-specialised kernel wherever it applies (p.tma, no varlen, tensors TMA can describe):
+// The warp-specialised kernel wherever it applies (p.tma, tensors TMA can describe):
 // against attention_fwd_sm90_kernel it ran 5-46% faster (hdim 128: +34% at 1k, +46% at 4k).
 // Its shape: two compute warpgroups and 128-key tiles up to kD = 128 (64 past it). At kD = 64
 // three groups (192 query rows) ran 3-12% faster (1k non-causal, 4k, 16k) but 6% slower causal
@@ -168,7 +168,7 @@ bool launch_fwd_ws(const KernelParams& p, cudaStream_t stream) {
 // two blocks an SM, runs instead (0.99x flash against 0.92x with two groups, in full runs).
 // Three stages instead of two, and FlashAttention 3's ping-pong of the two groups' products (as
 // written here, with named barriers), measured no better: -3 to +3% and -10 to -35%.
-// attention_fwd_sm90_kernel (varlen, other layouts, ORCHARD_CUDA_TMA=0): at kD = 128 and at
+// attention_fwd_sm90_kernel (layouts TMA cannot describe, ORCHARD_CUDA_TMA=0): at kD = 128 and at
 // most 2048 keys one warpgroup and 64-key tiles ran 1-10% faster than the default shape; at
 // kD = 80 the default shape ran as fast as or faster than the others tried
 // (docs/bench/cuda-hd80-shapes-2026-12-02.txt).

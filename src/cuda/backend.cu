@@ -29,7 +29,7 @@ KernelParams make_kernel_params(const AttentionParams& a) {
     p.dout_st = a.dout_st, p.dq_st = a.dq_st, p.dk_st = a.dk_st, p.dv_st = a.dv_st;
     p.lse_st = a.lse_st;
     p.cu_q = a.cu_seqlens_q, p.cu_k = a.cu_seqlens_k;
-    p.Sq = a.Sq, p.Sk = a.Sk;
+    p.Sq = a.Sq, p.Sk = a.Sk, p.total_q = a.total_q, p.total_k = a.total_k;
     p.B = int(a.B), p.Hq = int(a.Hq), p.Hkv = int(a.Hkv), p.D = int(a.D);
     p.scale = float(a.scale);
     p.scale_log2 = float(a.scale * 1.4426950408889634);
@@ -192,12 +192,12 @@ void attention_fwd(const AttentionParams& a) {
 
 // Whether the backward may take the fused Hopper kernel (attention_bwd_sm90_fused.cuh), whose
 // fp32 dQ sums take workspace: not when asked to be deterministic (its additions' order varies),
-// not for varlen batches, at the head dims it has, where the warp-specialised kernels run (`tma`:
-// KernelParams::tma), and unless ORCHARD_CUDA_FUSED_BWD is "0" (the switch that lets tests and
+// at the head dims it has, where the warp-specialised kernels run (`tma`: KernelParams::tma), and
+// unless ORCHARD_CUDA_FUSED_BWD is "0" (the switch that lets tests and
 // benchmarks run the two-kernel backward without asking for determinism).
 bool fused_bwd(const AttentionParams& a, bool tma) {
     const char* env = std::getenv("ORCHARD_CUDA_FUSED_BWD");
-    return tma && !a.deterministic && a.cu_seqlens_q == nullptr && fused_bwd_head_dim(find_variant(a.D)->hd) &&
+    return tma && !a.deterministic && fused_bwd_head_dim(find_variant(a.D)->hd) &&
            (env == nullptr || std::string(env) != "0");
 }
 

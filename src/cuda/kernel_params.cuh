@@ -40,6 +40,7 @@ struct KernelParams {
     const int32_t* cu_q;  // varlen: nullptr when padded
     const int32_t* cu_k;
     int64_t Sq, Sk;  // padded sizes, or varlen upper bounds
+    int64_t total_q, total_k;  // varlen: the packed tensors' tokens (the TMA kernels' maps)
     int B, Hq, Hkv, D;
     float scale;       // softmax scale
     float scale_log2;  // scale * log2(e)

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "cuda/kernel_params.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace orchard::cuda::sm90 {
@@ -73,7 +74,28 @@ bool make_tile_maps(TileMaps& m, const void* base, int64_t B, int64_t S, int64_t
            (!Tile::kQuarter || map(m.quarter, 16, CU_TENSOR_MAP_SWIZZLE_32B));
 }
 
+// The maps of one of the call's tensors: a query-side one (q, dout; `queries`) or a key-side one
+// (k, v). Padded batches: (B, S, H, D) with the tensor's strides. Varlen batches: the packed
+// (total, H, D) as one batch entry, which the kernels address from their sequence's first token
+// (tma_batch). A box there that reaches past its sequence's end reads the next sequence's rows
+// where a padded batch's reads zeros; the kernels never let those rows count: keys past the end
+// are masked (P = 0), queries past it have lse2 = +inf in the backward (P = 0) and are not
+// stored. (So a NaN or inf in one sequence's k / v can reach another's output through 0 * inf,
+// as in FlashAttention 3; finite inputs cannot.)
+template <class Tile>
+bool make_call_maps(TileMaps& m, const KernelParams& p, const void* base, const Strides& st, bool queries) {
+    const bool varlen = p.cu_q != nullptr;
+    const int64_t S = varlen ? (queries ? p.total_q : p.total_k) : (queries ? p.Sq : p.Sk);
+    // A varlen map's batch stride is never used (one entry): any the encoder accepts.
+    return make_tile_maps<Tile>(m, base, varlen ? 1 : p.B, S, queries ? p.Hq : p.Hkv, p.D,
+                                varlen ? S * st.s : st.b, st.s, st.h);
+}
+
 // ---- device ------------------------------------------------------------------------------------
+
+// The batch coordinate of sequence b in make_call_maps' maps (tokens are s.first_q / s.first_k
+// plus the row: 0 for padded batches).
+__device__ __forceinline__ int tma_batch(const KernelParams& p, int b) { return p.cu_q != nullptr ? 0 : b; }
 
 // An mbarrier at shared address `bar` (8 bytes, 8-aligned) expecting `count` arrivals per phase.
 // One thread initialises; fence_barrier_init() and a block barrier publish it before any use.
