@@ -93,6 +93,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int hb = longest_first ? unit % heads : unit / n_blocks, b = hb / p.Hkv;
     const Seq s = seq_of(p, b);
     const int64_t n0 = int64_t(n_block) * kBN;
+    if (n0 >= s.sk) return;  // past a varlen sequence's keys: nothing to load, add or store
     const DkdvSteps steps(p, s, hb % p.Hkv, n0, kBN, kBM);
 
     if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer

@@ -9,8 +9,7 @@
 //     P z and dS for them, written as bf16 / fp16 into sP[i % 2] and sdS[i % 2] (keys x queries,
 //     the next products' K-major A operand);
 //   a barrier of the two groups;
-//   group 0: dV += (P z)^T dO, group 1: dK += dS^T Q (A from shared memory, N = kD), and the
-//     group's S^T and dP^T of step i + 1 queued behind it.
+//   group 0: dV += (P z)^T dO, group 1: dK += dS^T Q (A from shared memory, N = kD).
 // Each group multiplies the same amount (half of S^T and dP^T, one 64 x 64 x kD product).
 // sP / sdS have two stages: a group writes stage i % 2 after the barrier of step i - 1, which the
 // other group reaches only once its product of step i - 2 (the last reader of that stage) is done.
@@ -58,6 +57,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int b = blockIdx.z;
     const Seq s = seq_of(p, b);
     const int64_t n0 = int64_t(blockIdx.x) * kBN;
+    if (n0 >= s.sk) return;  // past a varlen sequence's keys: nothing to load or store
     const DkdvSteps steps(p, s, blockIdx.y, n0, kBN, kBM);
 
     if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer
@@ -71,33 +71,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int q0 = wg * kHalf;                 // the group's first query inside the step
     float acc[kD / 8][4] = {};                 // dV (group 0) or dK (group 1)
     float(&acc_f)[kD / 2] = reinterpret_cast<float(&)[kD / 2]>(acc);
-    float st[kQT][4], dpt[kQT][4];             // S^T and dP^T of the group's 32 queries
-    float(&st_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(st);
-    float(&dpt_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(dpt);
-    // Starts S^T = K Q^T and dP^T = V dO^T of step i, committed separately.
-    auto start_scores = [&](int i) {
+    mbarrier_wait(l.kv_full, 0);  // also where no query sees the block: no load outlives it
+    for (int i = 0; i < steps.count(); ++i) {
+        const int h = steps.head(i);
+        const int64_t m0 = steps.m0(i), mh = m0 + q0;
+        const uint32_t tQ = l.q(i), tdO = l.dout(i);
+        const uint32_t tP = sP + (i & 1) * PTile::kBytes, tdS = sdS + (i & 1) * PTile::kBytes;
         l.ring.wait(i);
+
+        // S^T = K Q^T and dP^T = V dO^T for the group's 32 queries, P z while dP^T is multiplied.
+        float st[kQT][4], dpt[kQT][4];
+        float(&st_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(st);
+        float(&dpt_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(dpt);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kHalf, false>(st_f, k_major<KTile>(l.sK, 0, kk), k_major<QTile>(l.q(i), q0, kk), kk > 0);
+            wgmma_ss<T, kHalf, false>(st_f, k_major<KTile>(l.sK, 0, kk), k_major<QTile>(tQ, q0, kk), kk > 0);
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kHalf, false>(dpt_f, k_major<KTile>(l.sV, 0, kk), k_major<QTile>(l.dout(i), q0, kk),
-                                      kk > 0);
+            wgmma_ss<T, kHalf, false>(dpt_f, k_major<KTile>(l.sV, 0, kk), k_major<QTile>(tdO, q0, kk), kk > 0);
         wgmma_commit();
-    };
-    mbarrier_wait(l.kv_full, 0);  // also where no query sees the block: no load outlives it
-    const int n = steps.count();
-    if (n > 0) start_scores(0);
-    for (int i = 0; i < n; ++i) {
-        const int h = steps.head(i);
-        const int64_t m0 = steps.m0(i), mh = m0 + q0;
-        const uint32_t tP = sP + (i & 1) * PTile::kBytes, tdS = sdS + (i & 1) * PTile::kBytes;
-
-        // P z while dP^T is multiplied, then dS; both into shared memory for both groups.
-        wgmma_wait<1>();  // S^T is in
+        wgmma_wait<1>();
         fence_regs(st_f);
         const ScoreMod mod = score_mod(p, b, h);
         const DkdvElems<kQT> el{p, s, mod, int64_t(b) * p.Hq + h, mh, n0, kr};
@@ -114,24 +109,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 #pragma unroll
         for (int ks = 0; ks < kHalf / 16; ++ks) c_to_a<T>(a[ks], dpt[2 * ks], dpt[2 * ks + 1]);
         store_a_tile<PTile>(tdS, kr, q0, a);
-        fence_async_smem();  // before the other group's products read them
+        fence_async_smem();             // before the other group's products read them
         named_barrier_sync(1, 128 * Cfg::kWG);
 
-        // dV += (P z)^T dO or dK += dS^T Q over the step's 64 queries; the next step's S^T and
-        // dP^T queue behind it, so that the tensor cores do not wait for this group's P and dS.
+        // dV += (P z)^T dO or dK += dS^T Q over the step's 64 queries.
         fence_regs(acc_f);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk)
-            wgmma_ss_tile<T, QTile>(acc_f, k_major<PTile>(wg == 0 ? tP : tdS, 0, kk), wg == 0 ? l.dout(i) : l.q(i),
-                                    kk, true);
+            wgmma_ss_tile<T, QTile>(acc_f, k_major<PTile>(wg == 0 ? tP : tdS, 0, kk), wg == 0 ? tdO : tQ, kk, true);
         wgmma_commit();
-        if (i + 1 < n) {
-            start_scores(i + 1);
-            wgmma_wait<2>();
-        } else {
-            wgmma_wait<0>();
-        }
+        wgmma_wait<0>();
         fence_regs(acc_f);
         l.ring.release(i);
     }
@@ -153,7 +141,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 template <class T, int kD>
 bool launch_bwd_wide(const KernelParams& p, cudaStream_t stream) {
     using Dkv = WideDkdvConfig<kD>;
-    return launch_bwd_ws<T, Dkv, WsBwdConfig<kD, 2, 1, 3, 32>>(p, stream, attention_bwd_dkdv_wide_kernel<T, Dkv>);
+    return launch_bwd_ws<T, Dkv, WsBwdConfig<kD, 2, 1, 2, 32>>(p, stream, attention_bwd_dkdv_wide_kernel<T, Dkv>);
 }
 
 }  // namespace orchard::cuda::sm90

@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const int b = blockIdx.z;
     const Seq s = seq_of(p, b);
     const int64_t n0 = int64_t(blockIdx.x) * Cfg::kBlock;
+    if (n0 >= s.sk) return;  // past a varlen sequence's keys: nothing to load or store
     const DkdvSteps steps(p, s, blockIdx.y, n0, Cfg::kBlock, Cfg::kStep);
 
     if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer
@@ -156,6 +157,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const Seq s = seq_of(p, b);
     const int64_t m0 = int64_t(m_block) * kBQ;
     const int hk = h / (p.Hq / p.Hkv);
+    if (m0 >= s.sq) return;  // past a varlen sequence's queries: nothing to load or store
     const auto [n_first, n_end] = key_tiles(p, s, m0, kBQ, kBK);
     const int tiles = n_end - n_first;
 

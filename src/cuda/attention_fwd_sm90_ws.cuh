@@ -58,6 +58,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     const Seq s = seq_of(p, b);
     const int64_t m0 = int64_t(m_block) * kBM;
     const int hk = h / (p.Hq / p.Hkv);
+    if (m0 >= s.sq) return;  // past a varlen sequence's queries: nothing to load or store
     const auto [n_first, n_end] = key_tiles(p, s, m0, kBM, kBN);
     const int tiles = n_end - n_first;
 
