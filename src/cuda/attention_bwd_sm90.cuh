@@ -47,6 +47,23 @@ struct BwdShapes {
     using Dq = std::conditional_t<kD == 96, BwdConfig<kD, 2, 1>, BwdConfig<kD, 1, kD <= 80 ? 3 : 2>>;
 };
 
+// Starts S^T = K Q^T and dP^T = V dO^T of a dK/dV step for the 64 keys krow.. of the block's
+// tiles sK, sV against the kN queries qrow.. of the step's tiles tQ, tdO: kD / 16 k-steps each,
+// committed separately so that P can be computed while dP^T is multiplied.
+template <class T, class KTile, class QTile, int kN>
+__device__ __forceinline__ void start_scores_t(float (&st)[kN / 2], float (&dpt)[kN / 2], uint32_t sK, uint32_t sV,
+                                               int krow, uint32_t tQ, uint32_t tdO, int qrow) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KTile::kD / 16; ++kk)
+        wgmma_ss<T, kN, false>(st, k_major<KTile>(sK, krow, kk), k_major<QTile>(tQ, qrow, kk), kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < KTile::kD / 16; ++kk)
+        wgmma_ss<T, kN, false>(dpt, k_major<KTile>(sV, krow, kk), k_major<QTile>(tdO, qrow, kk), kk > 0);
+    wgmma_commit();
+}
+
 // What a dK/dV step does with its dS^T besides dK: nothing (the fused kernel stores it, then
 // multiplies dQ while dK is multiplied).
 struct NoDsUse {
@@ -77,15 +94,7 @@ __device__ __forceinline__ void dkdv_step(const KernelParams& p, const Seq& s, i
     float st[kQT][4], dpt[kQT][4];
     float(&st_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(st);
     float(&dpt_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(dpt);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)
-        wgmma_ss<T, kBM, false>(st_f, k_major<KTile>(sK, wg_row, kk), k_major<QTile>(tQ, 0, kk), kk > 0);
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)
-        wgmma_ss<T, kBM, false>(dpt_f, k_major<KTile>(sV, wg_row, kk), k_major<QTile>(tdO, 0, kk), kk > 0);
-    wgmma_commit();
+    start_scores_t<T, KTile, QTile, kBM>(st_f, dpt_f, sK, sV, wg_row, tQ, tdO, 0);
     wgmma_wait<1>();
     fence_regs(st_f);
 

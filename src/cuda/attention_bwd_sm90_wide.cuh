@@ -83,15 +83,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         float st[kQT][4], dpt[kQT][4];
         float(&st_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(st);
         float(&dpt_f)[kQT * 4] = reinterpret_cast<float(&)[kQT * 4]>(dpt);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kHalf, false>(st_f, k_major<KTile>(l.sK, 0, kk), k_major<QTile>(tQ, q0, kk), kk > 0);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk)
-            wgmma_ss<T, kHalf, false>(dpt_f, k_major<KTile>(l.sV, 0, kk), k_major<QTile>(tdO, q0, kk), kk > 0);
-        wgmma_commit();
+        start_scores_t<T, KTile, QTile, kHalf>(st_f, dpt_f, l.sK, l.sV, 0, tQ, tdO, q0);
         wgmma_wait<1>();
         fence_regs(st_f);
         const ScoreMod mod = score_mod(p, b, h);
