@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 #pragma unroll
         for (int ks = 0; ks < kHalf / 16; ++ks) c_to_a<T>(a[ks], dpt[2 * ks], dpt[2 * ks + 1]);
         store_a_tile<PTile>(tdS, kr, q0, a);
-        fence_async_smem();             // before the other group's products read them
+        fence_async_smem();  // before the other group's products read them
         named_barrier_sync(1, 128 * Cfg::kWG);
 
         // dV += (P z)^T dO or dK += dS^T Q over the step's 64 queries.

@@ -1,13 +1,13 @@
 // The warp-specialised Hopper backward (sm_90a), for padded and varlen batches whose tensors the
 // copy engine can describe (tma.cuh: make_call_maps; launch_bwd_ws says false otherwise, and the
-// kernels of attention_bwd_sm90.cuh run; run_bwd() in attention_bwd_sm90_fused.cuh picks, and
-// takes the fused kernel before these where it applies). Same two kernels and the same steps (dkdv_step,
+// kernels of attention_bwd_sm90.cuh run; run_bwd() in attention_bwd_sm90_fused.cuh picks, and takes
+// the fused kernel before these where it applies). Same two kernels and the same steps (dkdv_step,
 // dq_step) as those; what changes is how tiles arrive. Warpgroup 0 is the producer: one of its
-// threads loads the block's own tiles once and every step's tiles into a ring of kStages stages
-// by TMA (and a dK/dV step's lse and delta by a bulk copy), and the group gives most of its
-// registers to the compute groups (setmaxnreg). Warpgroups 1..kWG each own 64 of the block's
-// keys (dK/dV) or queries (dQ), wait on a stage's barrier for its bytes and release it once their
-// products have read it, never waiting for each other.
+// threads loads the block's own tiles once and every step's tiles into a ring of kStages stages by
+// TMA (and a dK/dV step's lse and delta by a bulk copy), and the group gives most of its registers
+// to the compute groups (setmaxnreg). Warpgroups 1..kWG each own 64 of the block's keys (dK/dV) or
+// queries (dQ), wait on a stage's barrier for its bytes and release it once their products have
+// read it, never waiting for each other.
 #pragma once
 
 #include "cuda/attention_bwd_sm90.cuh"
@@ -233,7 +233,8 @@ bool launch_bwd_ws(const KernelParams& p, cudaStream_t stream,
     if (want_dq &&
         !(make_call_maps<QBlock>(dq.block0, p, p.q, p.q_st, true) &&
           make_call_maps<QBlock>(dq.block1, p, p.dout, p.dout_st, true) &&
-          make_call_maps<KStep>(dq.step0, p, p.k, p.k_st, false) && make_call_maps<KStep>(dq.step1, p, p.v, p.v_st, false)))
+          make_call_maps<KStep>(dq.step0, p, p.k, p.k_st, false) &&
+          make_call_maps<KStep>(dq.step1, p, p.v, p.v_st, false)))
         return false;
     launch_bwd_delta<T>(p, stream);
     const dim3 dkdv_grid(unsigned((p.Sk + DkvCfg::kBlock - 1) / DkvCfg::kBlock), unsigned(p.Hkv), unsigned(p.B));

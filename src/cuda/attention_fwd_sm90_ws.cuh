@@ -1,7 +1,7 @@
-// The warp-specialised Hopper forward (sm_90a), FlashAttention 3's structure, for padded and
-// varlen batches whose tensors the copy engine can describe (tma.cuh: make_call_maps;
-// launch_fwd_ws says false otherwise, and attention_fwd_sm90_kernel runs). Tiles arrive by TMA
-// instead of cp.async; the products, the overlap of P V with the next softmax and the softmax itself are
+// The warp-specialised Hopper forward (sm_90a), FlashAttention 3's structure, for padded and varlen
+// batches whose tensors the copy engine can describe (tma.cuh: make_call_maps; launch_fwd_ws says
+// false otherwise, and attention_fwd_sm90_kernel runs). Tiles arrive by TMA instead of cp.async;
+// the products, the overlap of P V with the next softmax and the softmax itself are
 // attention_fwd_sm90_kernel's. run_fwd() picks between the two.
 #pragma once
 
