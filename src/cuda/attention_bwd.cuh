@@ -261,20 +261,23 @@ struct DqElems {
     }
 };
 
-// A warp's 16 rows of dK and dV (keys row0.. of kv head hk) from fp32 accumulators, or of dQ
-// (queries row0.. of head h). dS was kept unscaled, so dK and dQ take the softmax scale here.
+// A warp's 16 rows of dK or dV (store_key_rows: keys row0.. of kv head hk, times `factor`; a null
+// `out` was not asked for) or of both (store_dkdv) from fp32 accumulators, or of dQ (queries
+// row0.. of head h). dS was kept unscaled, so dK and dQ take the softmax scale here.
+template <class T, int kD>
+__device__ __forceinline__ void store_key_rows(void* out, const Strides& st, const KernelParams& p, const Seq& s,
+                                               int b, int hk, int64_t row0, const float (&acc)[kD / 8][4],
+                                               float factor) {
+    if (out == nullptr) return;  // not asked for
+    const float f[2] = {factor, factor};
+    T* base = static_cast<T*>(out) + b * st.b + s.first_k * st.s + int64_t(hk) * st.h;
+    store_rows<kD, T>(base, st.s, row0, s.sk, p.D, acc, f);
+}
 template <class T, int kD>
 __device__ __forceinline__ void store_dkdv(const KernelParams& p, const Seq& s, int b, int hk, int64_t row0,
                                            const float (&acc_dk)[kD / 8][4], const float (&acc_dv)[kD / 8][4]) {
-    const float one[2] = {1.f, 1.f}, scale[2] = {p.scale, p.scale};
-    if (p.dk) {
-        T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + s.first_k * p.dk_st.s + int64_t(hk) * p.dk_st.h;
-        store_rows<kD, T>(dk, p.dk_st.s, row0, s.sk, p.D, acc_dk, scale);
-    }
-    if (p.dv) {
-        T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + s.first_k * p.dv_st.s + int64_t(hk) * p.dv_st.h;
-        store_rows<kD, T>(dv, p.dv_st.s, row0, s.sk, p.D, acc_dv, one);
-    }
+    store_key_rows<T, kD>(p.dk, p.dk_st, p, s, b, hk, row0, acc_dk, p.scale);
+    store_key_rows<T, kD>(p.dv, p.dv_st, p, s, b, hk, row0, acc_dv, 1.f);
 }
 template <class T, int kD>
 __device__ __forceinline__ void store_dq(const KernelParams& p, const Seq& s, int b, int h, int64_t row0,

@@ -116,13 +116,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         l.ring.release(i);
     }
     // dS was kept unscaled: dK takes the softmax scale here (store_dkdv's rule).
-    const float factor[2] = {wg == 0 ? 1.f : p.scale, wg == 0 ? 1.f : p.scale};
-    void* out = wg == 0 ? p.dv : p.dk;
-    if (out) {
-        const Strides& st = wg == 0 ? p.dv_st : p.dk_st;
-        T* base = static_cast<T*>(out) + b * st.b + s.first_k * st.s + int64_t(steps.hk) * st.h;
-        store_rows<kD, T>(base, st.s, n0 + kr, s.sk, p.D, acc, factor);
-    }
+    if (wg == 0) store_key_rows<T, kD>(p.dv, p.dv_st, p, s, b, steps.hk, n0 + kr, acc, 1.f);
+    else store_key_rows<T, kD>(p.dk, p.dk_st, p, s, b, steps.hk, n0 + kr, acc, p.scale);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)
 #endif

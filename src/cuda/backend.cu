@@ -193,8 +193,8 @@ void attention_fwd(const AttentionParams& a) {
 // Whether the backward may take the fused Hopper kernel (attention_bwd_sm90_fused.cuh), whose
 // fp32 dQ sums take workspace: not when asked to be deterministic (its additions' order varies),
 // at the head dims it has, where the warp-specialised kernels run (`tma`: KernelParams::tma), and
-// unless ORCHARD_CUDA_FUSED_BWD is "0" (the switch that lets tests and
-// benchmarks run the two-kernel backward without asking for determinism).
+// unless ORCHARD_CUDA_FUSED_BWD is "0" (the switch that lets tests and benchmarks run the
+// two-kernel backward without asking for determinism).
 bool fused_bwd(const AttentionParams& a, bool tma) {
     const char* env = std::getenv("ORCHARD_CUDA_FUSED_BWD");
     return tma && !a.deterministic && fused_bwd_head_dim(find_variant(a.D)->hd) &&
