@@ -79,12 +79,13 @@ HWY_INLINE void gemm_block(int64_t K, const A* a, int64_t sa_i, int64_t sa_k, co
         }
     }
     for (int r = 0; r < MR; ++r) {
-        const V scale = hn::Set(d, c_scale != nullptr ? c_scale[r] : A(1));
-        for (int v = 0; v < NV; ++v) {
-            A* cv = c + r * ldc + v * L;
-            if (kAccumulate) acc[r][v] = hn::MulAdd(hn::LoadU(d, cv), scale, acc[r][v]);
-            hn::StoreU(acc[r][v], d, cv);
+        A* cr = c + r * ldc;
+        if constexpr (kAccumulate) {
+            const V scale = hn::Set(d, c_scale != nullptr ? c_scale[r] : A(1));
+            for (int v = 0; v < NV; ++v)
+                acc[r][v] = hn::MulAdd(hn::LoadU(d, cr + v * L), scale, acc[r][v]);
         }
+        for (int v = 0; v < NV; ++v) hn::StoreU(acc[r][v], d, cr + v * L);
     }
 }
 
