@@ -220,10 +220,7 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
 
     const A slope = p.alibi_slopes ? A(p.alibi_slopes[b * p.alibi_b + h * p.alibi_h]) : A(0);
     const Span keys = keys_of_rows(i0, rows, diag, p.window_left, p.window_right, sk);
-    // Key blocks start at multiples of bk, as the dK/dV pass's do: gemm() sums each block's
-    // terms before adding them to dQ, so the fused pass's dQ is bitwise the same only with the
-    // same blocks (keys of the first block left of keys.lo are masked: dS = 0 there).
-    for (int64_t j0 = keys.lo / bk * bk; j0 < keys.hi; j0 += bk) {
+    for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
         const int64_t cols = std::min(bk, keys.hi - j0);
         const TileGeom g{i0, rows, j0, cols, diag};
         pack_rows(k.get(), ldd, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,

@@ -57,10 +57,7 @@ inline int64_t lanes() {
 
 // C (MR, NV * lanes) (+)= A (MR, K) * B (K, NV * lanes): A by scalar broadcast (any strides),
 // B row-major with leading dim ldb, C row-major with leading dim ldc. When accumulating, row r
-// of C is multiplied by c_scale[r] if c_scale is given (the online softmax's rescale) and added
-// to A B, which is summed in registers from zero: C's loads then sit at the end, off the FMA
-// chain's start, where loading C first had each block wait on them (a few hundred cycles of
-// FMAs at K = 64; 2-core Xeon, one thread: forward +1-5%, backward +3-7%).
+// of C is first multiplied by c_scale[r] if c_scale is given (the online softmax's rescale).
 template <bool kAccumulate, int MR, int NV, class A>
 HWY_INLINE void gemm_block(int64_t K, const A* a, int64_t sa_i, int64_t sa_k, const A* b,
                            int64_t ldb, A* c, int64_t ldc, const A* c_scale) {
@@ -69,7 +66,10 @@ HWY_INLINE void gemm_block(int64_t K, const A* a, int64_t sa_i, int64_t sa_k, co
     using V = hn::Vec<decltype(d)>;
     V acc[MR][NV];
     for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) acc[r][v] = hn::Zero(d);
+        for (int v = 0; v < NV; ++v) {
+            acc[r][v] = kAccumulate ? hn::LoadU(d, c + r * ldc + v * L) : hn::Zero(d);
+            if (kAccumulate && c_scale != nullptr) acc[r][v] = hn::Mul(acc[r][v], hn::Set(d, c_scale[r]));
+        }
     for (int64_t k = 0; k < K; ++k) {
         V bv[NV];
         for (int v = 0; v < NV; ++v) bv[v] = hn::LoadU(d, b + k * ldb + v * L);
@@ -78,15 +78,8 @@ HWY_INLINE void gemm_block(int64_t K, const A* a, int64_t sa_i, int64_t sa_k, co
             for (int v = 0; v < NV; ++v) acc[r][v] = hn::MulAdd(av, bv[v], acc[r][v]);
         }
     }
-    for (int r = 0; r < MR; ++r) {
-        A* cr = c + r * ldc;
-        if constexpr (kAccumulate) {
-            const V scale = hn::Set(d, c_scale != nullptr ? c_scale[r] : A(1));
-            for (int v = 0; v < NV; ++v)
-                acc[r][v] = hn::MulAdd(hn::LoadU(d, cr + v * L), scale, acc[r][v]);
-        }
-        for (int v = 0; v < NV; ++v) hn::StoreU(acc[r][v], d, cr + v * L);
-    }
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) hn::StoreU(acc[r][v], d, c + r * ldc + v * L);
 }
 
 template <bool kAccumulate, int MR, class A>
