@@ -1,7 +1,8 @@
 """Orchard vs PyTorch's CPU SDPA (flash kernel), calls interleaved: each repetition times one
-Orchard call then one SDPA call, and each side keeps its fastest of `--reps`. On a shared VM whose
-speed drifts by 10-30% over minutes this compares the two under the same conditions, where
-bench_torch_cpu.py (median of a few runs of one side, then the other) can be skewed.
+Orchard call and one SDPA call, in alternating order, and reports each side's fastest of `--reps`
+and the median over repetitions of the pair's ratio. On a shared VM whose speed drifts by 10-30%
+over minutes this compares the two under the same conditions, where bench_torch_cpu.py (median of
+a few runs of one side, then the other) can be skewed; the median ratio is the steadier figure.
 Shapes as bench_torch_cpu.py: B * S = 8192 tokens, Hq * D = 1024; DESIGN.md's FLOP formula.
 
     python bench/bench_cpu_interleaved.py fwd|bwd [--dtypes float32,bfloat16]
@@ -9,6 +10,7 @@ Shapes as bench_torch_cpu.py: B * S = 8192 tokens, Hq * D = 1024; DESIGN.md's FL
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -61,14 +63,21 @@ def main():
                     orchard_call, sdpa_call = closures(args.mode, B, S, H, D, causal,
                                                        getattr(torch, name))
                     orchard_call(), sdpa_call()  # warm-up
-                    best_o = best_s = float("inf")
-                    for _ in range(args.reps):
-                        best_o, best_s = min(best_o, orchard_call()), min(best_s, sdpa_call())
+                    pairs = []  # (orchard seconds, sdpa seconds)
+                    for rep in range(args.reps):
+                        if rep % 2:
+                            s_time = sdpa_call()
+                            pairs.append((orchard_call(), s_time))
+                        else:
+                            pairs.append((orchard_call(), sdpa_call()))
+                    best_o, best_s = min(o for o, _ in pairs), min(s for _, s in pairs)
+                    ratio = statistics.median(s / o for o, s in pairs)
                     flops = 4 * B * H * S * S * D / (2 if causal else 1)
                     flops *= 2.5 if args.mode == "bwd" else 1
                     go, gs = flops / best_o / 1e9, flops / best_s / 1e9
                     print(f"{args.mode} {name:8} D {D:3} causal {int(causal)} S {S:5}: Orchard "
-                          f"{go:7.1f} SDPA {gs:7.1f} GFLOP/s  {go / gs:.2f}x", flush=True)
+                          f"{go:7.1f} SDPA {gs:7.1f} GFLOP/s  best {go / gs:.2f}x  "
+                          f"median {ratio:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

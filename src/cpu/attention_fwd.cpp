@@ -73,10 +73,20 @@ void store_out_lse(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, i
     }
 }
 
-// One task: query rows [i0, i0 + bq) of head h in sequence b, all visible key blocks; each key
-// block is packed once and meets the queries in passes of kFwdPassQ (tile_size.h).
+// Key rows [lo, ...) of one (batch, kv head) packed for the GEMMs, k (n, D) and v (n, ldv)
+// row-major; k == nullptr: each key block is packed when it is reached.
+template <class A>
+struct KvRows {
+    const A* k = nullptr;
+    const A* v = nullptr;
+    int64_t lo = 0;
+};
+
+// Query rows [i0, i0 + bq) of head h in sequence b, all visible key blocks, each met in passes of
+// kFwdPassQ queries (tile_size.h); keys come from `kv` or are packed here block by block.
 template <class T>
-void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h, int64_t mb) {
+void fwd_block(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h, int64_t mb,
+               const KvRows<acc_t<T>>& kv) {
     using A = acc_t<T>;
     const int64_t L = lanes<A>();
     const int64_t sq = p.seqlen_q(b), sk = p.seqlen_k(b), diag = p.diag(b);
@@ -89,10 +99,11 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
     const int64_t ldq = transposed_ld(rows, L, sizeof(A));
     const int64_t lds = round_up(std::min(kFwdPassQ, rows), L);
 
-    // Tiles: qt (D, ldq), k (bk, D), v (bk, ldv), st (bk, lds), acc (rows, ldv).
+    // Tiles: qt (D, ldq), k (bk, D) and v (bk, ldv) unless packed, st (bk, lds), acc (rows, ldv).
+    const bool packed = kv.k != nullptr;
     auto qt = alloc_tile<A>(p.D * ldq);
-    auto kb = alloc_tile<A>(bk * p.D);
-    auto v = alloc_tile<A>(bk * ldv);
+    auto kb = alloc_tile<A>(packed ? 0 : bk * p.D);
+    auto vb = alloc_tile<A>(packed ? 0 : bk * ldv);
     auto st = alloc_tile<A>(bk * lds);
     auto acc = alloc_tile<A>(rows * ldv);
     auto m = alloc_tile<A>(ldq);
@@ -111,13 +122,14 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
 
     for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
         const int64_t cols = std::min(bk, keys.hi - j0);
-        // k is packed even when it could be read in place: its rows lie H * D apart in a
-        // (B, S, H, D) tensor, often a multiple of 4 KiB, and the GEMM's 6 rows would share L1
-        // sets (packing was 0-20% faster).
-        pack_rows(kb.get(), p.D, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s, p.k_st.d,
-                  cols, p.D, p.D);
-        pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s, p.v_st.d,
-                  cols, p.Dv, ldv);
+        const A* k = packed ? kv.k + (j0 - kv.lo) * p.D : kb.get();
+        const A* v = packed ? kv.v + (j0 - kv.lo) * ldv : vb.get();
+        if (!packed) {
+            pack_rows(kb.get(), p.D, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s,
+                      p.k_st.d, cols, p.D, p.D);
+            pack_rows(vb.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s,
+                      p.v_st.d, cols, p.Dv, ldv);
+        }
         for (int64_t c0 = 0; c0 < rows; c0 += kFwdPassQ) {
             // Only the queries [y0, y0 + n) of the pass that see a key of this block take part
             // (the causal diagonal and window edges leave the others out of both GEMMs).
@@ -129,7 +141,7 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
             const TileGeom& g = qc.g;
             // S^T = k q^T.
             A* s_t = st.get() + qc.y0;
-            gemm<false>(cols, n, p.D, kb.get(), p.D, 1, qt.get() + y0, ldq, s_t, lds);
+            gemm<false>(cols, n, p.D, k, p.D, 1, qt.get() + y0, ldq, s_t, lds);
             if (p.softcap > 0 || slope != A(0) || !fully_visible(p, g))
                 finish_scores<Orient::k_rows>(p, slope, g, s_t, static_cast<A*>(nullptr), n,
                                               lds, A(1));
@@ -137,13 +149,40 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
             if (p.dropout) apply_dropout<Orient::k_rows>(p, b * p.Hq + h, g, s_t, s_t, lds);
             // acc (rows, Dv) = diag(alpha) acc + P (rows, cols) v (cols, Dv), P read from P^T:
             // the online softmax's rescale rides on the GEMM's load of acc.
-            gemm<true>(g.rows, ldv, cols, s_t, 1, lds, v.get(), ldv, acc.get() + y0 * ldv, ldv,
+            gemm<true>(g.rows, ldv, cols, s_t, 1, lds, v, ldv, acc.get() + y0 * ldv, ldv,
                        alpha.get() + y0);
         }
     }
 
     store_out_lse<T>(p, b, h, i0, rows, m.get(), l.get(),
                      [&](int64_t r, int64_t d) { return acc[r * ldv + d]; });
+}
+
+// One task: query blocks [mb_lo, mb_hi) of head h in sequence b, the last first. k and v are
+// packed because their rows lie H * D apart in a (B, S, H, D) tensor, often a multiple of 4 KiB,
+// and the GEMM's 6 rows would share L1 sets (packing was 0-20% faster than reading in place).
+// A task of several blocks packs the keys they see once for all of them; a single block packs
+// each key block as it reaches it (no buffer the size of the keys).
+template <class T>
+void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h, int64_t mb_lo,
+              int64_t mb_hi) {
+    using A = acc_t<T>;
+    const int64_t sq = p.seqlen_q(b), i0 = mb_lo * ts.block_q;
+    if (i0 >= sq) return;
+    mb_hi = std::min(mb_hi, ceil_div(sq, ts.block_q));
+    if (mb_hi - mb_lo == 1) return fwd_block<T>(p, ts, b, h, mb_lo, KvRows<A>{});
+    const int64_t hk = h / (p.Hq / p.Hkv), ldv = round_up(p.Dv, lanes<A>());
+    const Span keys = keys_of_rows(i0, std::min(sq, mb_hi * ts.block_q) - i0, p.diag(b),
+                                   p.window_left, p.window_right, p.seqlen_k(b));
+    const int64_t n = std::max<int64_t>(keys.hi - keys.lo, 0);
+    auto k = alloc_tile<A>(n * p.D);  // (n, D)
+    auto v = alloc_tile<A>(n * ldv);  // (n, ldv)
+    pack_rows(k.get(), p.D, at<const T>(p.k, p.k_st, b, p.first_k(b), keys.lo, hk), p.k_st.s,
+              p.k_st.d, n, p.D, p.D);
+    pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, p.first_k(b), keys.lo, hk), p.v_st.s,
+              p.v_st.d, n, p.Dv, ldv);
+    for (int64_t mb = mb_hi - 1; mb >= mb_lo; --mb)
+        fwd_block<T>(p, ts, b, h, mb, KvRows<A>{k.get(), v.get(), keys.lo});
 }
 
 // fwd_task for bf16 inputs on the bf16 GEMMs (gemm_bf16.h: AMX tiles or AVX512-BF16; T =
@@ -226,16 +265,19 @@ void fwd_typed(const AttentionParams& p) {
     // 2-core EPYC through PyTorch: S = 128 +13%, S = 256 +10%; with enough blocks to keep the
     // threads on separate rows, touching first cost 1.5% (S = 1024) and is skipped.
     if (!p.is_varlen() && pool_threads() > nb) fault_in<T>(p.out, p.B, p.Sq, p.Hq, p.Dv, p.out_st);
+    // Tasks of `per_task` query blocks (one on the bf16 GEMMs), `groups` of them per head.
+    const int64_t per_task = bf16_dot ? 1 : fwd_blocks_per_task(p.B * p.Hq, nb, pool_threads());
+    const int64_t groups = ceil_div(nb, per_task);
     auto task = [&](int64_t t) {
         // One head after the other, so that the threads share its k and v in cache; within a
         // head the later query blocks first: under causal masks they see the most keys.
-        const int64_t bh = t / nb, mb = nb - 1 - t % nb;
+        const int64_t bh = t / groups, g = groups - 1 - t % groups;
         if (bf16_dot)
-            fwd_task_bf16(p, ts, vt, bh / p.Hq, bh % p.Hq, mb);
+            fwd_task_bf16(p, ts, vt, bh / p.Hq, bh % p.Hq, g);
         else
-            fwd_task<T>(p, ts, bh / p.Hq, bh % p.Hq, mb);
+            fwd_task<T>(p, ts, bh / p.Hq, bh % p.Hq, g * per_task, (g + 1) * per_task);
     };
-    parallel_for(p.B * p.Hq * nb, task);
+    parallel_for(p.B * p.Hq * groups, task);
 }
 
 void attention_fwd_target(const AttentionParams& p) {

@@ -18,13 +18,15 @@ namespace orchard::cpu {
 
 // Tile memory: 64-byte aligned blocks from the C++ runtime (not Highway's allocator, which lives in
 // libhwy.so), recycled through a per-thread cache of up to kSlots freed blocks. Tasks allocate the
-// same few tiles (up to a few hundred KiB each) again and again; through malloc alone, glibc gave
-// the large ones back to the OS and each task faulted their pages in again (1-3% of the 2-core
-// forward at D 128). The cache holds about one task's tiles per thread (at most ~1 MiB,
-// tile_size.h) until the thread ends.
+// same few tiles again and again; through malloc alone, glibc gave the large ones back to the OS
+// and each task faulted their pages in again (1-3% of the 2-core forward at D 128; up to 7% for
+// the forward's packed keys at S = 512). The cache holds about one task's tiles per thread until the
+// thread ends: a few hundred KiB, and the forward's packed k and v, up to kMaxBytes each (S = 8192
+// keys at D = 128 in fp32); larger blocks go back to the OS when freed.
 namespace detail {
 struct TileCache {
     static constexpr int kSlots = 16;
+    static constexpr size_t kMaxBytes = size_t(4) << 20;
     static constexpr size_t kHeader = 64;  // before each tile: its size, keeping the tile aligned
     struct Block {
         void* base = nullptr;
@@ -64,6 +66,7 @@ inline void tile_free(void* p) {
     if (p == nullptr) return;
     void* base = static_cast<char*>(p) - TileCache::kHeader;
     const size_t bytes = *static_cast<size_t*>(base);
+    if (bytes > TileCache::kMaxBytes) return std::free(base);
     TileCache& c = detail::tile_cache;
     int slot = 0;  // an empty slot, else the smallest cached block, given back if smaller
     for (int i = 0; i < TileCache::kSlots; ++i) {

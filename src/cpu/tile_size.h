@@ -1,6 +1,7 @@
 // Tile sizes of the CPU kernels: a pure function of the head dims, unit-tested.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace orchard::cpu {
@@ -35,6 +36,16 @@ inline TileSize fwd_tile_size(int64_t D, int64_t Dv) {
     if (D + Dv <= 128) return {192, 64};
     if (D + Dv <= 256) return {288, 64};
     return {144, 64};
+}
+
+// Query blocks per task of the forward on the fp32 GEMMs. A task packs the k / v rows its blocks
+// see once for all of them, so fewer, larger tasks pack less: whole heads while that leaves at
+// least 4 tasks per thread (in-process A/B on a 2-core Xeon, against one block per task: D = 64
+// and 128, S = 512-4096, +1-12% on 2 threads), else heads are split into as many tasks as that
+// needs.
+inline int64_t fwd_blocks_per_task(int64_t heads, int64_t blocks, int threads) {
+    const int64_t tasks_per_head = std::min(blocks, (4 * int64_t(threads) + heads - 1) / heads);
+    return blocks / tasks_per_head;  // rounded down: at least tasks_per_head tasks
 }
 
 // Tiles of the backward on the fp32 GEMMs: 96 x 96, whole register blocks as above. On a 2-core

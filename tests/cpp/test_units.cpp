@@ -287,6 +287,13 @@ Case fused_vs_two_pass_case() {
             .left = 60, .right = 10, .softcap = 2.0, .alibi = 1, .dropout = 0.1};
 }
 
+// 4 query blocks of 192 per head: the fp32 forward runs them in tasks of 2 blocks on 1 thread
+// (packing their keys once) and of 1 block on 2 threads (fwd_blocks_per_task).
+Case forward_groups_case() {
+    return {.name = "groups", .B = 1, .Sq = 700, .Sk = 730, .Hq = 2, .Hkv = 1, .D = 32,
+            .left = 150, .right = 40, .dropout = 0.1};
+}
+
 // 16 (batch, kv head) pairs: the bf16-GEMM backward runs fused (fuse_dq_bf16).
 Case many_kv_heads_case() {
     return {.name = "kv16", .B = 4, .Sq = 70, .Sk = 90, .Hq = 8, .Hkv = 4, .D = 40,
@@ -313,8 +320,12 @@ TEST(Determinism, BackwardIsBitwiseIdenticalAcrossRunsAndThreadCounts) {
     // bf16 runs on the bf16 GEMMs where cpu::bf16_gemms(); their backward fuses by the problem's
     // size alone (16 kv heads: fused, 3: two passes).
     ASSERT_TRUE(cpu::fuse_dq_bf16(16, 0, false));
+    ASSERT_EQ(cpu::fwd_tile_size(32, 32).block_q, 192);
+    ASSERT_EQ(cpu::fwd_blocks_per_task(2, 4, 1), 2);
+    ASSERT_EQ(cpu::fwd_blocks_per_task(2, 4, 2), 1);
     for (DType dt : {DType::f32, DType::bf16})
-        for (const Case& c : {determinism_case(), fused_vs_two_pass_case(), many_kv_heads_case()}) {
+        for (const Case& c : {determinism_case(), fused_vs_two_pass_case(), many_kv_heads_case(),
+                              forward_groups_case()}) {
             Inputs in = make_inputs(c, dt);
             const int before = num_threads();
             set_num_threads(2);
@@ -356,6 +367,27 @@ TEST(TileSize, Bf16BackwardFusesByProblemSizeOnly) {
     EXPECT_FALSE(cpu::fuse_dq_bf16(15, 1 << 20, false));
     EXPECT_FALSE(cpu::fuse_dq_bf16(64, 1 << 20, true));           // varlen: uneven tasks
     EXPECT_FALSE(cpu::fuse_dq_bf16(64, int64_t(1) << 30, false));  // buffer too large
+}
+
+TEST(TileSize, ForwardTasksTakeWholeHeadsWhileThreadsStayBusy) {
+    EXPECT_EQ(cpu::fwd_blocks_per_task(64, 6, 2), 6);   // 64 heads >= 4 tasks per thread
+    EXPECT_EQ(cpu::fwd_blocks_per_task(8, 6, 2), 6);
+    EXPECT_EQ(cpu::fwd_blocks_per_task(4, 6, 2), 3);    // 2 tasks per head
+    EXPECT_EQ(cpu::fwd_blocks_per_task(3, 6, 2), 2);    // 3 tasks per head: 9 >= 8
+    EXPECT_EQ(cpu::fwd_blocks_per_task(3, 7, 2), 2);    // 7 blocks in tasks of 2, 2, 2, 1
+    EXPECT_EQ(cpu::fwd_blocks_per_task(1, 6, 16), 1);   // more threads than blocks
+    EXPECT_EQ(cpu::fwd_blocks_per_task(64, 1, 2), 1);
+    for (int64_t heads : {1, 2, 5, 64})
+        for (int64_t blocks : {1, 2, 7, 40})
+            for (int threads : {1, 2, 3, 16, 128}) {
+                const int64_t per = cpu::fwd_blocks_per_task(heads, blocks, threads);
+                ASSERT_GE(per, 1);
+                ASSERT_LE(per, blocks);
+                const int64_t tasks = heads * cpu::ceil_div(blocks, per);
+                // As many tasks as 4 per thread, or one per block.
+                EXPECT_TRUE(tasks >= 4 * threads || per == 1)
+                    << heads << " " << blocks << " " << threads;
+            }
 }
 
 TEST(TileSize, FusedBackwardOnlyWhenTasksSpreadEvenly) {
