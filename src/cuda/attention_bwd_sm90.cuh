@@ -64,11 +64,12 @@ __device__ __forceinline__ void start_scores_t(float (&st)[kN / 2], float (&dpt)
     wgmma_commit();
 }
 
-// What a dK/dV step does with its dS^T besides dK: nothing (the fused kernel stores it, then
-// multiplies dQ while dK is multiplied).
+// What a dK/dV step does with its dS^T besides dK: nothing (the fused kernel stores it and
+// multiplies dQ, before dK or while it runs).
 struct NoDsUse {
     template <class Frags>
     __device__ __forceinline__ void store(const Frags&) const {}
+    __device__ __forceinline__ void before_dk() const {}
     __device__ __forceinline__ void after_dk() const {}
 };
 
@@ -77,8 +78,9 @@ struct NoDsUse {
 // the kStep queries m0.. of head h (tiles tQ, tdO; their lse2 and delta in tLse, tDelta). S^T =
 // K Q^T and dP^T = V dO^T, committed separately so that P is computed while dP^T is multiplied;
 // dV += (P z)^T dO (dO an MN-major operand) while dS is computed; use_ds.store(dS^T as A
-// fragments [kStep / 16][4]); dK += dS^T Q, and use_ds.after_dk() while it runs. Returns once
-// every product (use_ds's too) is done.
+// fragments [kStep / 16][4]) and use_ds.before_dk() (which may commit one product group);
+// dK += dS^T Q, and use_ds.after_dk() while it runs. Returns once every product (use_ds's too)
+// is done.
 template <class T, class Cfg, class UseDs = NoDsUse>
 __device__ __forceinline__ void dkdv_step(const KernelParams& p, const Seq& s, int b, int h, int64_t m0, int64_t n0,
                                           int kr, uint32_t sK, uint32_t sV, uint32_t tQ, uint32_t tdO,
@@ -115,6 +117,7 @@ __device__ __forceinline__ void dkdv_step(const KernelParams& p, const Seq& s, i
 #pragma unroll
     for (int ks = 0; ks < kBM / 16; ++ks) c_to_a<T>(ads[ks], dpt[2 * ks], dpt[2 * ks + 1]);
     use_ds.store(ads);
+    use_ds.before_dk();
     fence_regs(dk);
     wgmma_fence();
 #pragma unroll

@@ -9,12 +9,16 @@
 // dq_accum null), as do head dims other than 64 and 128.
 //
 // A step of compute warpgroup w (keys 64w.. of the block):
-//   dkdv_step (S^T, dP^T, P, dV, dS, dK), also writing its rows of dS^T into sdS[i % 2] and,
-//   while dK is multiplied (DqFromDs), waiting at a barrier of the compute groups for every
-//   group's rows, then multiplying dQ columns [w kNq, (w + 1) kNq) = dS K (dS^T read as an
-//   MN-major A, K as an MN-major B);
+//   dkdv_step (S^T, dP^T, P, dV, dS, dK), also writing its rows of dS^T into sdS[i % 2],
+//   waiting at a barrier of the compute groups for every group's rows, and multiplying dQ
+//   columns [w kNq, (w + 1) kNq) = dS K (dS^T read as an MN-major A, K as an MN-major B);
 //   the accumulators to the group's part of sdQ, a barrier of the group, and one thread of it
 //   starts the bulk reduction of that part into dq_accum.
+// With two compute groups (head dim 128, one block an SM) dQ is started before dK and written
+// out while dK is multiplied; after dK, the tensor cores idled while both groups stored dQ (13%
+// of the stall samples; same-run A/B on the H200, bf16: +1 to +5%). With one group (head dim 64,
+// two blocks an SM) dQ follows dK and is written out after the step, while the SM's other block
+// uses the tensor cores: starting dQ first there measured 1.5-3% slower.
 // sdS has two stages: a group writes stage i % 2 after the barrier of step i - 1, which every
 // group reaches only once its dQ product of step i - 2 has read that stage. sdQ has one: before
 // the barrier of step i, the thread that started step i - 1's reduction waits until it has read
@@ -50,22 +54,37 @@ __device__ __forceinline__ int64_t dq_accum_tile(const KernelParams& p, int b, i
 }
 
 // dkdv_step's use of dS^T in the fused kernel: store() writes the warp's rows into stage tDs;
-// after_dk(), while dK is multiplied, waits for every group's rows (and, in thread t == 0, for
-// the last reduction to have read sdQ) and starts the group's dQ product into acc_dq.
+// start_dq() waits for every group's rows (and, in thread t == 0, for the last reduction to have
+// read sdQ) and starts the group's dQ product into acc_dq, before dK (before_dk) or while it runs
+// (after_dk); write_dq() writes the finished product into the group's part of sdQ and, once the
+// group has written, starts the bulk reduction of the part into dq_accum (thread t == 0).
 template <class T, class Cfg>
 struct DqFromDs {
     using DsTile = typename Cfg::DsTile;
     using KTile = typename Cfg::BlockTile;
     static constexpr int kNq = Cfg::kDqCols;
-    uint32_t tDs, sK;
+    static constexpr bool kDqFirst = Cfg::kWG > 1;
+    uint32_t tDs, sK, part;
     int kr, wg, t;
+    float* dq_accum;  // the group's part of the step's dq_accum tile
     float (&acc_dq)[kNq / 2];
 
     __device__ __forceinline__ void store(const uint32_t (&ads)[Cfg::kStep / 16][4]) const {
         store_a_tile<DsTile>(tDs, kr, 0, ads);
         fence_async_smem();  // before the dQ products read them
     }
+    __device__ __forceinline__ void before_dk() const {
+        if constexpr (kDqFirst) start_dq();
+    }
     __device__ __forceinline__ void after_dk() const {
+        if constexpr (kDqFirst) {
+            wgmma_wait<1>();  // dQ (and everything before it) is in; dK may still run
+            write_dq();
+        } else {
+            start_dq();
+        }
+    }
+    __device__ __forceinline__ void start_dq() const {
         if (t == 0) bulk_wait_all<true>();
         named_barrier_sync(1, 128 * Cfg::kWG);
         wgmma_fence();
@@ -73,6 +92,20 @@ struct DqFromDs {
         for (int kk = 0; kk < Cfg::kBlock / 16; ++kk)
             wgmma_ss<T, kNq, true, true>(acc_dq, mn_major<DsTile>(tDs, kk), mn_major<KTile>(sK, kk, wg * kNq), kk > 0);
         wgmma_commit();
+    }
+    __device__ __forceinline__ void write_dq() const {
+        fence_regs(acc_dq);
+#pragma unroll
+        for (int j = 0; j < kNq / 8; ++j)
+            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(part + (j * 128 + t) * 16),
+                         "f"(acc_dq[4 * j]), "f"(acc_dq[4 * j + 1]), "f"(acc_dq[4 * j + 2]), "f"(acc_dq[4 * j + 3])
+                         : "memory");
+        fence_async_smem();  // before the bulk reduction reads them
+        named_barrier_sync(2 + wg, 128);
+        if (t == 0) {
+            bulk_reduce_add_f32(dq_accum, part, Cfg::kDqPartBytes);
+            bulk_commit();
+        }
     }
 };
 
@@ -110,24 +143,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     for (int i = 0; i < steps.count(); ++i) {
         const int h = steps.head(i);
         const int64_t m0 = steps.m0(i);
-        const DqFromDs<T, Cfg> dq{sdS + (i & 1) * DsTile::kBytes, l.sK, kr, wg, t, acc_dq};
+        float* dq_part = p.dq_accum + dq_accum_tile(p, b, h, m0, Cfg::kD) + wg * kBM * kNq;
+        const DqFromDs<T, Cfg> dq{sdS + (i & 1) * DsTile::kBytes, l.sK, part, kr, wg, t, dq_part, acc_dq};
         l.ring.wait(i);
         dkdv_step<T, Cfg>(p, s, b, h, m0, n0, kr, l.sK, l.sV, l.q(i), l.dout(i), l.lse(smem_raw, i),
                           l.delta(smem_raw, i), acc_dk, acc_dv, dq);
         l.ring.release(i);
-        fence_regs(acc_dq);
-#pragma unroll
-        for (int j = 0; j < kNq / 8; ++j)
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(part + (j * 128 + t) * 16),
-                         "f"(acc_dq[4 * j]), "f"(acc_dq[4 * j + 1]), "f"(acc_dq[4 * j + 2]), "f"(acc_dq[4 * j + 3])
-                         : "memory");
-        fence_async_smem();  // before the bulk reduction reads them
-        named_barrier_sync(2 + wg, 128);
-        if (t == 0) {
-            bulk_reduce_add_f32(p.dq_accum + dq_accum_tile(p, b, h, m0, Cfg::kD) + wg * kBM * kNq, part,
-                                Cfg::kDqPartBytes);
-            bulk_commit();
-        }
+        if constexpr (!DqFromDs<T, Cfg>::kDqFirst) dq.write_dq();
     }
     if (t == 0) bulk_wait_all<false>();
     store_dkdv<T, Cfg::kD>(p, s, b, steps.hk, n0 + kr, acc_dk, acc_dv);
