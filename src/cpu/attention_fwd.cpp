@@ -73,6 +73,17 @@ void store_out_lse(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, i
     }
 }
 
+// k rows [j0, j0 + n) of kv head hk in sequence b into k (n, D), v rows into v (n, ldv), fp32
+// (or the accumulation type) and row-major.
+template <class T, class A>
+void pack_kv(const AttentionParams& p, int64_t b, int64_t hk, int64_t j0, int64_t n, A* k, A* v,
+             int64_t ldv) {
+    pack_rows(k, p.D, at<const T>(p.k, p.k_st, b, p.first_k(b), j0, hk), p.k_st.s, p.k_st.d, n,
+              p.D, p.D);
+    pack_rows(v, ldv, at<const T>(p.v, p.v_st, b, p.first_k(b), j0, hk), p.v_st.s, p.v_st.d, n,
+              p.Dv, ldv);
+}
+
 // Key rows [lo, ...) of one (batch, kv head) packed for the GEMMs, k (n, D) and v (n, ldv)
 // row-major; k == nullptr: each key block is packed when it is reached.
 template <class A>
@@ -94,7 +105,7 @@ void fwd_block(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t 
     if (i0 >= sq) return;
     const int64_t rows = std::min(ts.block_q, sq - i0);
     const int64_t hk = h / (p.Hq / p.Hkv);
-    const int64_t fq = p.first_q(b), fk = p.first_k(b);
+    const int64_t fq = p.first_q(b);
     const int64_t bk = ts.block_k, ldv = round_up(p.Dv, L);
     const int64_t ldq = transposed_ld(rows, L, sizeof(A));
     const int64_t lds = round_up(std::min(kFwdPassQ, rows), L);
@@ -124,12 +135,7 @@ void fwd_block(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t 
         const int64_t cols = std::min(bk, keys.hi - j0);
         const A* k = packed ? kv.k + (j0 - kv.lo) * p.D : kb.get();
         const A* v = packed ? kv.v + (j0 - kv.lo) * ldv : vb.get();
-        if (!packed) {
-            pack_rows(kb.get(), p.D, at<const T>(p.k, p.k_st, b, fk, j0, hk), p.k_st.s,
-                      p.k_st.d, cols, p.D, p.D);
-            pack_rows(vb.get(), ldv, at<const T>(p.v, p.v_st, b, fk, j0, hk), p.v_st.s,
-                      p.v_st.d, cols, p.Dv, ldv);
-        }
+        if (!packed) pack_kv<T>(p, b, hk, j0, cols, kb.get(), vb.get(), ldv);
         for (int64_t c0 = 0; c0 < rows; c0 += kFwdPassQ) {
             // Only the queries [y0, y0 + n) of the pass that see a key of this block take part
             // (the causal diagonal and window edges leave the others out of both GEMMs).
@@ -177,10 +183,7 @@ void fwd_task(const AttentionParams& p, const TileSize& ts, int64_t b, int64_t h
     const int64_t n = std::max<int64_t>(keys.hi - keys.lo, 0);
     auto k = alloc_tile<A>(n * p.D);  // (n, D)
     auto v = alloc_tile<A>(n * ldv);  // (n, ldv)
-    pack_rows(k.get(), p.D, at<const T>(p.k, p.k_st, b, p.first_k(b), keys.lo, hk), p.k_st.s,
-              p.k_st.d, n, p.D, p.D);
-    pack_rows(v.get(), ldv, at<const T>(p.v, p.v_st, b, p.first_k(b), keys.lo, hk), p.v_st.s,
-              p.v_st.d, n, p.Dv, ldv);
+    pack_kv<T>(p, b, hk, keys.lo, n, k.get(), v.get(), ldv);
     for (int64_t mb = mb_hi - 1; mb >= mb_lo; --mb)
         fwd_block<T>(p, ts, b, h, mb, KvRows<A>{k.get(), v.get(), keys.lo});
 }
