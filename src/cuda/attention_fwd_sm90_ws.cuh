@@ -167,8 +167,10 @@ bool launch_fwd_ws(const KernelParams& p, cudaStream_t stream) {
 // three groups (192 query rows) ran 3-12% faster (1k non-causal, 4k, 16k) but 6% slower causal
 // at 1k, where the last, short blocks of a causal grid hold more rows: there one group a block,
 // two blocks an SM, runs instead (0.99x flash against 0.92x with two groups, in full runs).
-// Three stages instead of two, and FlashAttention 3's ping-pong of the two groups' products (as
-// written here, with named barriers), measured no better: -3 to +3% and -10 to -35%.
+// Three stages instead of two measured -3 to +3%. FlashAttention 3's ping-pong of the two groups'
+// products (named barriers, each group issuing S_i and P_{i-1} V_{i-1} in its turn) measured
+// -10 to -35%, and -17 to -41% written again in FlashAttention 3's order; tree-reduced row max and
+// sum, and O rescaled after S_i is issued, were no better either (docs/PERFORMANCE.md).
 // attention_fwd_sm90_kernel (layouts TMA cannot describe, ORCHARD_CUDA_TMA=0): at kD = 128 and at
 // most 2048 keys one warpgroup and 64-key tiles ran 1-10% faster than the default shape; at
 // kD = 80 the default shape ran as fast as or faster than the others tried
