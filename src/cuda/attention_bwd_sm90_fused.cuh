@@ -12,17 +12,20 @@
 //   dkdv_step (S^T, dP^T, P, dV, dS, dK), also writing its rows of dS^T into sdS[i % 2],
 //   waiting at a barrier of the compute groups for every group's rows, and multiplying dQ
 //   columns [w kNq, (w + 1) kNq) = dS K (dS^T read as an MN-major A, K as an MN-major B);
-//   the accumulators to the group's part of sdQ, a barrier of the group, and one thread of it
-//   starts the bulk reduction of that part into dq_accum.
+//   the accumulators to the group's part of sdQ, then an arrival (no wait) at the part's "full"
+//   barrier. The dQ writer, warp 1 of the producer group, waits there and starts the bulk
+//   reduction of the part into dq_accum (reduce_dq_parts). Before, a barrier of the group and
+//   one of its threads did that: the writer took 2.64 -> 2.54 ms at head dim 128, 4 x 4k (ncu),
+//   +2.6 to +4.9% in same-run A/Bs from 4k (bf16, H200; head dim 64 within +-2%).
 // With two compute groups (head dim 128, one block an SM) dQ is started before dK and written
 // out while dK is multiplied; after dK, the tensor cores idled while both groups stored dQ (13%
 // of the stall samples; same-run A/B on the H200, bf16: +1 to +5%). With one group (head dim 64,
 // two blocks an SM) dQ follows dK and is written out after the step, while the SM's other block
 // uses the tensor cores: starting dQ first there measured 1.5-3% slower.
 // sdS has two stages: a group writes stage i % 2 after the barrier of step i - 1, which every
-// group reaches only once its dQ product of step i - 2 has read that stage. sdQ has one: before
-// the barrier of step i, the thread that started step i - 1's reduction waits until it has read
-// sdQ (a whole step later, so it rarely waits).
+// group reaches only once its dQ product of step i - 2 has read that stage. sdQ has one part a
+// group: the writer hands a part back (its "free" barrier) once the reduction has read it, and
+// the group waits for that before writing the part again, a whole step later.
 //
 // dq_accum: per (sequence, head, 64-query block) a tile of 64 x kD floats, kWG parts of 64 x kNq
 // (columns w kNq..), each in the accumulators' order: float4 j of compute thread t at float
@@ -35,6 +38,10 @@
 #include "cuda/launch.h"
 
 namespace orchard::cuda::sm90 {
+
+// Named barriers of the dQ parts, one each a compute group: written (the group arrives, the
+// writer waits) and read (the writer arrives, the group waits); 128 + 32 threads.
+inline constexpr int kDqFull = 2, kDqFree = 4, kDqPartThreads = 128 + 32;
 
 // kD = 64 or 128 (launch.h: fused_bwd_head_dim); kWG compute groups of 64 keys each.
 template <int kD_, int kWG_, int kMinBlocks_ = 1, int kStages_ = 2>
@@ -54,10 +61,9 @@ __device__ __forceinline__ int64_t dq_accum_tile(const KernelParams& p, int b, i
 }
 
 // dkdv_step's use of dS^T in the fused kernel: store() writes the warp's rows into stage tDs;
-// start_dq() waits for every group's rows (and, in thread t == 0, for the last reduction to have
-// read sdQ) and starts the group's dQ product into acc_dq, before dK (before_dk) or while it runs
-// (after_dk); write_dq() writes the finished product into the group's part of sdQ and, once the
-// group has written, starts the bulk reduction of the part into dq_accum (thread t == 0).
+// start_dq() waits for every group's rows and starts the group's dQ product into acc_dq, before
+// dK (before_dk) or while it runs (after_dk); write_dq() writes the finished product into the
+// group's part of sdQ, once the writer has read the part's last sums, and tells the writer.
 template <class T, class Cfg>
 struct DqFromDs {
     using DsTile = typename Cfg::DsTile;
@@ -66,7 +72,6 @@ struct DqFromDs {
     static constexpr bool kDqFirst = Cfg::kWG > 1;
     uint32_t tDs, sK, part;
     int kr, wg, t;
-    float* dq_accum;  // the group's part of the step's dq_accum tile
     float (&acc_dq)[kNq / 2];
 
     __device__ __forceinline__ void store(const uint32_t (&ads)[Cfg::kStep / 16][4]) const {
@@ -85,7 +90,6 @@ struct DqFromDs {
         }
     }
     __device__ __forceinline__ void start_dq() const {
-        if (t == 0) bulk_wait_all<true>();
         named_barrier_sync(1, 128 * Cfg::kWG);
         wgmma_fence();
 #pragma unroll
@@ -95,19 +99,46 @@ struct DqFromDs {
     }
     __device__ __forceinline__ void write_dq() const {
         fence_regs(acc_dq);
+        named_barrier_sync(kDqFree + wg, kDqPartThreads);
 #pragma unroll
         for (int j = 0; j < kNq / 8; ++j)
             asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(part + (j * 128 + t) * 16),
                          "f"(acc_dq[4 * j]), "f"(acc_dq[4 * j + 1]), "f"(acc_dq[4 * j + 2]), "f"(acc_dq[4 * j + 3])
                          : "memory");
         fence_async_smem();  // before the bulk reduction reads them
-        named_barrier_sync(2 + wg, 128);
-        if (t == 0) {
-            bulk_reduce_add_f32(dq_accum, part, Cfg::kDqPartBytes);
-            bulk_commit();
-        }
+        named_barrier_arrive(kDqFull + wg, kDqPartThreads);
     }
 };
+
+// The dQ writer (warp 1 of the producer group): for each step and compute group, waits until the
+// group has written its part of sdQ and starts the part's bulk reduction into the step's
+// dq_accum tile; once a step's reductions have read sdQ, hands the parts back.
+template <class Cfg>
+__device__ __forceinline__ void reduce_dq_parts(const KernelParams& p, const DkdvSteps& steps, int b, uint32_t sdQ) {
+    const int n = steps.count(), lane = threadIdx.x % 32;
+    if (n == 0) return;  // no step: the groups never write (nor wait for) a part
+#pragma unroll
+    for (int w = 0; w < Cfg::kWG; ++w) named_barrier_arrive(kDqFree + w, kDqPartThreads);
+    for (int i = 0; i < n; ++i) {
+        float* tile = p.dq_accum + dq_accum_tile(p, b, steps.head(i), steps.m0(i), Cfg::kD);
+#pragma unroll
+        for (int w = 0; w < Cfg::kWG; ++w) {
+            named_barrier_sync(kDqFull + w, kDqPartThreads);
+            if (lane == 0) {
+                bulk_reduce_add_f32(tile + w * Cfg::kStep * Cfg::kDqCols, sdQ + w * Cfg::kDqPartBytes,
+                                    Cfg::kDqPartBytes);
+                bulk_commit();
+            }
+        }
+        if (i + 1 < n) {
+            if (lane == 0) bulk_wait_all<true>();
+            __syncwarp();
+#pragma unroll
+            for (int w = 0; w < Cfg::kWG; ++w) named_barrier_arrive(kDqFree + w, kDqPartThreads);
+        }
+    }
+    if (lane == 0) bulk_wait_all<false>();  // every sum is in dq_accum before the block ends
+}
 
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
@@ -129,8 +160,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     if (n0 >= s.sk) return;  // past a varlen sequence's keys: nothing to load, add or store
     const DkdvSteps steps(p, s, hb % p.Hkv, n0, kBN, kBM);
 
-    if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer
+    if (ws_block_start(l.kv_full, 128 * Cfg::kWG, l.ring)) {  // the producer group
         if (threadIdx.x == 0) produce_dkdv<Cfg>(p, maps, l, steps, s, b, int(n0));
+        if (threadIdx.x / 32 == 1) reduce_dq_parts<Cfg>(p, steps, b, sdQ);
         return;
     }
 
@@ -143,15 +175,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     for (int i = 0; i < steps.count(); ++i) {
         const int h = steps.head(i);
         const int64_t m0 = steps.m0(i);
-        float* dq_part = p.dq_accum + dq_accum_tile(p, b, h, m0, Cfg::kD) + wg * kBM * kNq;
-        const DqFromDs<T, Cfg> dq{sdS + (i & 1) * DsTile::kBytes, l.sK, part, kr, wg, t, dq_part, acc_dq};
+        const DqFromDs<T, Cfg> dq{sdS + (i & 1) * DsTile::kBytes, l.sK, part, kr, wg, t, acc_dq};
         l.ring.wait(i);
         dkdv_step<T, Cfg>(p, s, b, h, m0, n0, kr, l.sK, l.sV, l.q(i), l.dout(i), l.lse(smem_raw, i),
                           l.delta(smem_raw, i), acc_dk, acc_dv, dq);
         l.ring.release(i);
         if constexpr (!DqFromDs<T, Cfg>::kDqFirst) dq.write_dq();
     }
-    if (t == 0) bulk_wait_all<false>();
     store_dkdv<T, Cfg::kD>(p, s, b, steps.hk, n0 + kr, acc_dk, acc_dv);
 #else
     __trap();  // compiled for an architecture without wgmma: never launched (backend.cu)

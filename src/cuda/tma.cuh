@@ -225,6 +225,10 @@ struct Ring {
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Counts this thread's arrival at barrier `id` (of `threads` in all) without waiting for it.
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 // Warp specialisation: a warpgroup gives registers back to the block's pool (dec) or takes
 // them from it (inc), so that a producer group holding few lets the compute groups hold more than
