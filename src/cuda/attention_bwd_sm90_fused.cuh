@@ -17,11 +17,10 @@
 //   reduction of the part into dq_accum (reduce_dq_parts). Before, a barrier of the group and
 //   one of its threads did that: the writer took 2.64 -> 2.54 ms at head dim 128, 4 x 4k (ncu),
 //   +2.6 to +4.9% in same-run A/Bs from 4k (bf16, H200; head dim 64 within +-2%).
-// With two compute groups (head dim 128, one block an SM) dQ is started before dK and written
-// out while dK is multiplied; after dK, the tensor cores idled while both groups stored dQ (13%
-// of the stall samples; same-run A/B on the H200, bf16: +1 to +5%). With one group (head dim 64,
-// two blocks an SM) dQ follows dK and is written out after the step, while the SM's other block
-// uses the tensor cores: starting dQ first there measured 1.5-3% slower.
+// dQ is started before dK and written out while dK is multiplied: after dK, the tensor cores
+// idled while the groups stored dQ (13% of the stall samples at head dim 128; same-run A/B on
+// the H200, bf16: +1 to +5%). At head dim 64 (one group, two blocks an SM) that order measured
+// 1.5-3% slower while the group itself issued the reductions, and +1 to +4% with the writer.
 // sdS has two stages: a group writes stage i % 2 after the barrier of step i - 1, which every
 // group reaches only once its dQ product of step i - 2 has read that stage. sdQ has one part a
 // group: the writer hands a part back (its "free" barrier) once the reduction has read it, and
@@ -61,15 +60,14 @@ __device__ __forceinline__ int64_t dq_accum_tile(const KernelParams& p, int b, i
 }
 
 // dkdv_step's use of dS^T in the fused kernel: store() writes the warp's rows into stage tDs;
-// start_dq() waits for every group's rows and starts the group's dQ product into acc_dq, before
-// dK (before_dk) or while it runs (after_dk); write_dq() writes the finished product into the
-// group's part of sdQ, once the writer has read the part's last sums, and tells the writer.
+// before_dk() waits for every group's rows and starts the group's dQ product into acc_dq;
+// after_dk(), while dK runs, writes the finished product into the group's part of sdQ, once the
+// writer has read the part's last sums, and tells the writer.
 template <class T, class Cfg>
 struct DqFromDs {
     using DsTile = typename Cfg::DsTile;
     using KTile = typename Cfg::BlockTile;
     static constexpr int kNq = Cfg::kDqCols;
-    static constexpr bool kDqFirst = Cfg::kWG > 1;
     uint32_t tDs, sK, part;
     int kr, wg, t;
     float (&acc_dq)[kNq / 2];
@@ -79,17 +77,6 @@ struct DqFromDs {
         fence_async_smem();  // before the dQ products read them
     }
     __device__ __forceinline__ void before_dk() const {
-        if constexpr (kDqFirst) start_dq();
-    }
-    __device__ __forceinline__ void after_dk() const {
-        if constexpr (kDqFirst) {
-            wgmma_wait<1>();  // dQ (and everything before it) is in; dK may still run
-            write_dq();
-        } else {
-            start_dq();
-        }
-    }
-    __device__ __forceinline__ void start_dq() const {
         named_barrier_sync(1, 128 * Cfg::kWG);
         wgmma_fence();
 #pragma unroll
@@ -97,7 +84,8 @@ struct DqFromDs {
             wgmma_ss<T, kNq, true, true>(acc_dq, mn_major<DsTile>(tDs, kk), mn_major<KTile>(sK, kk, wg * kNq), kk > 0);
         wgmma_commit();
     }
-    __device__ __forceinline__ void write_dq() const {
+    __device__ __forceinline__ void after_dk() const {
+        wgmma_wait<1>();  // dQ (and everything before it) is in; dK may still run
         fence_regs(acc_dq);
         named_barrier_sync(kDqFree + wg, kDqPartThreads);
 #pragma unroll
@@ -180,7 +168,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         dkdv_step<T, Cfg>(p, s, b, h, m0, n0, kr, l.sK, l.sV, l.q(i), l.dout(i), l.lse(smem_raw, i),
                           l.delta(smem_raw, i), acc_dk, acc_dv, dq);
         l.ring.release(i);
-        if constexpr (!DqFromDs<T, Cfg>::kDqFirst) dq.write_dq();
     }
     store_dkdv<T, Cfg::kD>(p, s, b, steps.hk, n0 + kr, acc_dk, acc_dv);
 #else
