@@ -64,8 +64,8 @@ __device__ __forceinline__ void start_scores_t(float (&st)[kN / 2], float (&dpt)
     wgmma_commit();
 }
 
-// What a dK/dV step does with its dS^T besides dK: nothing (the fused kernel stores it and
-// multiplies dQ, before dK or while it runs).
+// What a dK/dV step does with its dS^T besides dK: nothing (the fused kernel stores it, starts
+// dQ before dK and writes dQ out while dK runs).
 struct NoDsUse {
     template <class Frags>
     __device__ __forceinline__ void store(const Frags&) const {}
