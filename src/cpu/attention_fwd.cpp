@@ -263,11 +263,11 @@ void fwd_typed(const AttentionParams& p) {
     // v^T once per call (the size of v), so that query blocks do not each transpose it again.
     const PackedT vt = bf16_dot ? pack_heads_transposed(p, p.v, p.v_st, p.Hkv, p.Dv, p.Sk, true)
                                 : PackedT{};
-    // With fewer query blocks than threads, threads work on different heads of the same tokens at
-    // once: their first writes into a fresh output would meet in the same pages (first_touch.h).
-    // 2-core EPYC through PyTorch: S = 128 +13%, S = 256 +10%; with enough blocks to keep the
-    // threads on separate rows, touching first cost 1.5% (S = 1024) and is skipped.
-    if (!p.is_varlen() && pool_threads() > nb) fault_in<T>(p.out, p.B, p.Sq, p.Hq, p.Dv, p.out_st);
+    // The output's pages mapped before the tasks write it (first_touch.h): on fresh memory threads
+    // writing neighbouring heads' rows would meet in its pages, a trap per page. Through PyTorch on
+    // a 2-core Xeon, D = 64 / 128: S = 512 +5-6%, S = 1024 +3%, S >= 2048 +2%. On memory already
+    // mapped it costs ~0.3 ms per 32 MiB on one thread.
+    if (!p.is_varlen()) fault_in<T>(p.out, p.B, p.Sq, p.Hq, p.Dv, p.out_st);
     // Tasks of `per_task` query blocks (one on the bf16 GEMMs), `groups` of them per head.
     const int64_t per_task = bf16_dot ? 1 : fwd_blocks_per_task(p.B * p.Hq, nb, pool_threads());
     const int64_t groups = ceil_div(nb, per_task);

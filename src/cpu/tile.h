@@ -135,15 +135,27 @@ void pack_rows(A* dst, int64_t ld, const T* src, int64_t s_row, int64_t s_col, i
     }
 }
 
+// Prefetches the cache lines of [p, p + bytes) into L1.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+    const char* c = static_cast<const char*>(p);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off);
+    __builtin_prefetch(c + bytes - 1);  // the last line, when p is not line-aligned
+}
+
 // dst (cols, rows_pad) = factor * transpose of src (rows, cols) strided; columns rows..rows_pad
 // are 0. Reads row by row: a column of a (B, S, H, D) tensor has its rows H * D apart, often a
 // multiple of 4 KiB, and reading it down would miss L1 on every element (the rows share a few
-// sets); the writes, ld apart, touch only `cols` lines at a time.
+// sets); the writes, ld apart, touch only `cols` lines at a time. Rows come from memory (each in
+// its own page), and a row's scattered stores fill the store buffer, so the core does not run
+// ahead to the next rows' loads by itself: rows kAhead ahead are prefetched (in context on a
+// 2-core Xeon: the forward's q packing took 35-50% less time; the forward +2-4% on one thread).
 template <class A, class T>
 void pack_transposed(A* dst, int64_t ld, const T* src, int64_t s_row, int64_t s_col,
                      int64_t rows, int64_t cols, int64_t rows_pad, A factor = A(1)) {
+    constexpr int64_t kAhead = 8;  // rows
     for (int64_t r = 0; r < rows; ++r) {
         const T* in = src + r * s_row;
+        if (s_col == 1 && r + kAhead < rows) prefetch_bytes(in + kAhead * s_row, cols * sizeof(T));
         for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = factor * load_as<A>(in[c * s_col]);
     }
     for (int64_t c = 0; c < cols; ++c)
