@@ -95,12 +95,34 @@ void load_row_stats(const AttentionParams& p, const A* dsum, int64_t b, int64_t 
 template <class T, class A>
 void preprocess_task(const AttentionParams& p, A* dsum, int64_t bh) {
     const int64_t b = bh / p.Hq, h = bh % p.Hq, fq = p.first_q(b);
+    const hn::ScalableTag<A> d;
+    const int64_t L = hn::Lanes(d);
+    const bool contiguous = p.out_st.d == 1 && p.dout_st.d == 1;
+    constexpr int64_t kAhead = 8;  // rows prefetched ahead: each row is in its own page
     for (int64_t i = 0; i < p.seqlen_q(b); ++i) {
         const T* o = at<const T>(p.out, p.out_st, b, fq, i, h);
         const T* g = at<const T>(p.dout, p.dout_st, b, fq, i, h);
+        if (contiguous && i + kAhead < p.seqlen_q(b)) {
+            prefetch_bytes(o + kAhead * p.out_st.s, p.Dv * sizeof(T));
+            prefetch_bytes(g + kAhead * p.dout_st.s, p.Dv * sizeof(T));
+        }
         A acc = 0;
-        for (int64_t d = 0; d < p.Dv; ++d)
-            acc += load_as<A>(o[d * p.out_st.d]) * load_as<A>(g[d * p.dout_st.d]);
+        int64_t c = 0;
+        if constexpr (std::is_same_v<T, A>) {
+            // Two vector accumulators: a scalar sum is one serial chain of Dv FMAs.
+            if (contiguous) {
+                auto s0 = hn::Zero(d), s1 = hn::Zero(d);
+                for (; c + 2 * L <= p.Dv; c += 2 * L) {
+                    s0 = hn::MulAdd(hn::LoadU(d, o + c), hn::LoadU(d, g + c), s0);
+                    s1 = hn::MulAdd(hn::LoadU(d, o + c + L), hn::LoadU(d, g + c + L), s1);
+                }
+                for (; c + L <= p.Dv; c += L)
+                    s0 = hn::MulAdd(hn::LoadU(d, o + c), hn::LoadU(d, g + c), s0);
+                acc = hn::GetLane(hn::SumOfLanes(d, hn::Add(s0, s1)));
+            }
+        }
+        for (; c < p.Dv; ++c)
+            acc += load_as<A>(o[c * p.out_st.d]) * load_as<A>(g[c * p.dout_st.d]);
         dsum[bh * p.Sq + i] = acc;
     }
 }
@@ -184,11 +206,11 @@ void dkdv_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int6
         }
     }
     if (p.dk)
-        store_rows(at<T>(p.dk, p.dk_st, b, fk, j0, hk), p.dk_st.s, p.dk_st.d, dk.get(), ldd,
-                   cols, p.D, A(p.scale));
+        store_output_rows(at<T>(p.dk, p.dk_st, b, fk, j0, hk), p.dk_st.s, p.dk_st.d, dk.get(),
+                          ldd, cols, p.D, A(p.scale));
     if (p.dv)
-        store_rows(at<T>(p.dv, p.dv_st, b, fk, j0, hk), p.dv_st.s, p.dv_st.d, dv.get(), ldv,
-                   cols, p.Dv, A(1));
+        store_output_rows(at<T>(p.dv, p.dv_st, b, fk, j0, hk), p.dv_st.s, p.dv_st.d, dv.get(),
+                          ldv, cols, p.Dv, A(1));
 }
 
 // dQ of query rows [i0, i0 + bq) of head (b, h), over its visible key blocks. Scores are held as
@@ -237,8 +259,8 @@ void dq_task(const AttentionParams& p, const TileSize& ts, const A* dsum, int64_
         // dQ (rows, D) += dS (rows, cols) k (cols, D), dS read from dS^T.
         gemm<true>(rows, ldd, cols, w.dp.get(), 1, ldq, k.get(), ldd, dq.get(), ldd);
     }
-    store_rows(at<T>(p.dq, p.dq_st, b, fq, i0, h), p.dq_st.s, p.dq_st.d, dq.get(), ldd, rows,
-               p.D, A(p.scale));
+    store_output_rows(at<T>(p.dq, p.dq_st, b, fq, i0, h), p.dq_st.s, p.dq_st.d, dq.get(), ldd,
+                      rows, p.D, A(p.scale));
 }
 
 // dkdv_task for bf16 inputs on the bf16 GEMMs (bf16_gemms()). S (bq, bk) as there, from q (A
@@ -485,8 +507,8 @@ void bwd_typed(const AttentionParams& p) {
             for (int64_t nb = 0; nb < nk; ++nb) dkdv_task<T>(p, ts, dsum, b, hk, nb, &rows);
             for (int64_t g = 0; g < group; ++g) {
                 const int64_t h = hk * group + g;
-                store_rows(at<T>(p.dq, p.dq_st, b, p.first_q(b), 0, h), p.dq_st.s, p.dq_st.d,
-                           dq.get() + g * sq * ldd, ldd, sq, p.D, A(p.scale));
+                store_output_rows(at<T>(p.dq, p.dq_st, b, p.first_q(b), 0, h), p.dq_st.s,
+                                  p.dq_st.d, dq.get() + g * sq * ldd, ldd, sq, p.D, A(p.scale));
             }
         };
         parallel_for(kv_heads, fused);

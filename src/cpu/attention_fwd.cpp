@@ -15,7 +15,6 @@
 #include <type_traits>
 
 #include "core/thread_pool.h"
-#include "hwy/cache_control.h"
 #include "cpu/first_touch.h"
 #include "cpu/gemm_bf16.h"
 #include "cpu/packed_heads.h"
@@ -58,22 +57,14 @@ void softmax_update(A* st, int64_t n_keys, int64_t width, int64_t ld, A pre_fact
 }
 
 // out and lse of query rows [i0, i0 + rows) from the accumulator acc (addressed by acc_at(r, d),
-// a reference), and the running max m and sum l. fp32 rows that are contiguous and vector-aligned
-// go out by streaming stores: an output row is written once, whole, and the output is far larger
-// than L2, so reading its lines in first (a store miss) is wasted traffic. Through PyTorch on a
-// 2-core Xeon, forward D = 128: S = 512 +3-4%, S = 1024 +2%, S >= 2048 +1%; D = 64 +1-2%; an
-// output projection reading `out` right after lost nothing.
+// a reference), and the running max m and sum l; out by streaming stores where it can be
+// (stream_row).
 template <class T, class A, class AccAt>
 void store_out_lse(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows,
                    const A* m, const A* l, AccAt acc_at) {
     T* out = at<T>(p.out, p.out_st, b, p.first_q(b), i0, h);
     float* lse = p.lse + b * p.lse_st.b + h * p.lse_st.h + (p.first_q(b) + i0) * p.lse_st.s;
-    const hn::ScalableTag<A> d;
-    const int64_t L = hn::Lanes(d);
-    bool stream = std::is_same_v<T, float> && std::is_same_v<A, float> && p.out_st.d == 1 &&
-                  p.Dv % L == 0;
-    for (int64_t r = 0; r < rows; ++r)
-        stream = stream && reinterpret_cast<uintptr_t>(out + r * p.out_st.s) % (L * sizeof(A)) == 0;
+    const bool stream = streamable<T, A>(out, p.out_st.s, p.out_st.d, rows, p.Dv);
     for (int64_t r = 0; r < rows; ++r) {
         const bool empty = l[r] == A(0);  // fully masked row: out = 0, lse = +inf
         lse[r * p.lse_st.s] = empty ? std::numeric_limits<float>::infinity()
@@ -82,15 +73,14 @@ void store_out_lse(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, i
         T* row = out + r * p.out_st.s;
         if constexpr (std::is_same_v<T, A>) {
             if (stream) {
-                for (int64_t c = 0; c < p.Dv; c += L)
-                    hn::Stream(hn::Mul(hn::LoadU(d, &acc_at(r, c)), hn::Set(d, factor)), d, row + c);
+                stream_row(row, &acc_at(r, 0), p.Dv, factor);
                 continue;
             }
         }
         for (int64_t c = 0; c < p.Dv; ++c)
             row[c * p.out_st.d] = store_as<T>(acc_at(r, c) * factor);
     }
-    if (stream) hwy::FlushStream();  // ordered before the task's completion is published
+    if (stream) hwy::FlushStream();
 }
 
 // k rows [j0, j0 + n) of kv head hk in sequence b into k (n, D), v rows into v (n, ldv), fp32
