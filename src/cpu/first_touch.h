@@ -38,8 +38,8 @@ inline void populate(uintptr_t lo, uintptr_t hi) {
 // 16-core Xeon's backward at S = 1024 ran at 0.25-0.7x its speed on memory already in use,
 // touched first 0.8-0.9x; the 2-core EPYC's forward at S = 128 and 256 gained 10-13% through
 // PyTorch; the 2-core Xeon's forward at D = 128 through PyTorch, populated rather than touched,
-// S = 512 +7-8%, S = 1024 +3%. The caller must write every element afterwards (where the OS
-// cannot populate pages, a zero is stored in each).
+// S = 512 +5-8%, S = 1024 +3%, larger +2%. The caller must write every element afterwards
+// (where the OS cannot populate pages, a zero is stored in each).
 template <class T>
 void fault_in(void* data, int64_t B, int64_t S, int64_t H, int64_t D, const Strides& st) {
     constexpr uintptr_t kRun = uintptr_t(2) << 20;

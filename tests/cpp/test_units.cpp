@@ -195,8 +195,8 @@ TEST(TileSize, FitsL2AndVectorWidths) {
         }
 }
 
-// fault_in writes one zero at the start of each 4 KiB page of a dense tensor and nothing else;
-// a view that is not dense is left alone.
+// fault_in maps every page of a dense tensor, keeping its contents where the OS can (else one zero
+// per page); a view that is not dense is left alone.
 TEST(DenseElements, FaultInMapsThePagesOfDenseTensorsOnly) {
     const int64_t B = 3, S = 100, H = 4, D = 32, n = B * S * H * D;  // 150 KiB of floats
     // Where the OS populates pages without writing, contents stay; elsewhere a zero is stored in
