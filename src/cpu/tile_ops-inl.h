@@ -151,11 +151,10 @@ bool streamable(const T* dst, int64_t s_row, int64_t s_col, int64_t rows, int64_
     if constexpr (!std::is_same_v<T, float> || !std::is_same_v<A, float>) {
         return false;
     } else {
+        // Every row is aligned when the first is and the row stride is whole vectors.
         const int64_t L = lanes<A>();
-        bool ok = s_col == 1 && cols % L == 0;
-        for (int64_t r = 0; ok && r < rows; ++r)
-            ok = reinterpret_cast<uintptr_t>(dst + r * s_row) % (L * sizeof(A)) == 0;
-        return ok;
+        return s_col == 1 && cols % L == 0 && (rows <= 1 || s_row % L == 0) &&
+               reinterpret_cast<uintptr_t>(dst) % (L * sizeof(A)) == 0;
     }
 }
 
